@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs what `cargo xtask test|demo|bench` need on a fresh Debian (bookworm)
+# machine, as root. Idempotent: a second run checks and prints "ok" lines only.
+set -euo pipefail
+
+say() { printf 'setup: %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    say "must run as root (installs Debian packages, mounts bpffs)" >&2
+    exit 1
+fi
+
+# 1. Debian packages the tests, demo and benchmarks use.
+#    redis-tools brings redis-cli and redis-benchmark.
+pkgs=(redis-server redis-tools bpftool iproute2 ethtool keepalived haproxy tcpdump procps psmisc)
+missing=()
+for p in "${pkgs[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$p")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The packages start system-wide daemons; the tests start their own in
+    # namespaces, so stop and disable the stock ones (no systemd here is fine).
+    for svc in redis-server keepalived haproxy; do
+        if command -v systemctl >/dev/null 2>&1; then
+            systemctl disable --now "$svc" >/dev/null 2>&1 || true
+        fi
+        service "$svc" stop >/dev/null 2>&1 || true
+    done
+else
+    say "ok: Debian packages (${pkgs[*]})"
+fi
+
+# 2. rust-src for nightly (`-Z build-std=core` for bpfel-unknown-none).
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+    say "adding rust-src to the nightly toolchain"
+    rustup component add rust-src --toolchain nightly
+else
+    say "ok: nightly rust-src"
+fi
+
+# 3. bpf-linker, linked against the nightly toolchain's own libLLVM.
+if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linker" ]; then
+    sysroot=$(rustc +nightly --print sysroot)
+    major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+    prefix=$HOME/.local/llvm-rust
+    mkdir -p "$prefix/lib"
+    ln -sf "$(ls "$sysroot"/lib/libLLVM.so.* | head -n1)" "$prefix/lib/libLLVM.so"
+    say "building bpf-linker 0.13.0 against rustc's LLVM $major (about a minute)"
+    LLVM_PREFIX=$prefix cargo +stable install --locked bpf-linker --version 0.13.0 \
+        --no-default-features --features "llvm-$major"
+else
+    say "ok: bpf-linker"
+fi
+
+# 4. bpffs.
+if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
+    say "mounting bpffs on /sys/fs/bpf"
+    mount -t bpf bpf /sys/fs/bpf
+else
+    say "ok: bpffs mounted"
+fi
+
+# 5. Kernel BPF run-time statistics off by default; benches switch them on.
+say "done"

@@ -1,0 +1,5 @@
+//! Test support shared by the integration tests and the demo: network
+//! namespaces, a packet builder, the namespace lab.
+pub mod lab;
+pub mod netns;
+pub mod packet;
