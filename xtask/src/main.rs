@@ -1,1 +1,135 @@
-fn main() {}
+//! Project tasks: `cargo xtask <command>`. Every command that needs system
+//! packages or the eBPF toolchain runs `scripts/setup.sh` first (idempotent).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and demo the balancer")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (Debian packages, rust-src, bpf-linker, bpffs).
+    Setup,
+    /// Build the XDP object into target/bpf/balancer.bpf.o.
+    BuildEbpf {
+        /// Accepted for symmetry; the object is always optimised (the
+        /// verifier needs it).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build the XDP object, the agent and the test support binaries.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Install what is missing, build, and run every test.
+    Test {
+        /// Extra arguments passed to `cargo test` after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Install what is missing, build, and run the namespace lab demo.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.cmd {
+        Cmd::Setup => setup(&root),
+        Cmd::BuildEbpf { release: _ } => build_ebpf(&root),
+        Cmd::Build { release } => {
+            setup(&root)?;
+            build(&root, release)
+        }
+        Cmd::Test { args } => {
+            setup(&root)?;
+            build(&root, false)?;
+            let mut test = cargo(&root);
+            test.args(["test", "--workspace", "--no-fail-fast"]);
+            if !args.is_empty() {
+                test.arg("--").args(args);
+            }
+            run(test)
+        }
+        Cmd::Demo => {
+            setup(&root)?;
+            build(&root, false)?;
+            let mut demo = Command::new(root.join("target/debug/demo"));
+            demo.env("BALANCER_BIN", root.join("target/debug/balancer"));
+            run(demo)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// `cargo` for the host workspace, without variables an outer cargo set.
+fn cargo(root: &Path) -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(root);
+    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"] {
+        c.env_remove(var);
+    }
+    c
+}
+
+fn run(mut cmd: Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("spawn {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn setup(root: &Path) -> Result<()> {
+    let mut c = Command::new("bash");
+    c.arg(root.join("scripts/setup.sh"));
+    run(c).context("scripts/setup.sh (run as root on Debian)")
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    let dir = root.join("balancer-ebpf");
+    let mut c = cargo(&dir);
+    // The toolchain comes from balancer-ebpf/rust-toolchain.toml (nightly);
+    // target, build-std and BTF flags from balancer-ebpf/.cargo/config.toml.
+    c.args(["+nightly", "build", "--release"]);
+    run(c).context("building the XDP program (needs `cargo xtask setup`)")?;
+    let built = dir.join("target/bpfel-unknown-none/release/balancer-ebpf");
+    let out_dir = root.join("target/bpf");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join("balancer.bpf.o");
+    // Copy only when changed, so cargo does not rebuild the agent for nothing.
+    let new = std::fs::read(&built).with_context(|| format!("read {}", built.display()))?;
+    if std::fs::read(&out).ok().as_deref() != Some(&new[..]) {
+        std::fs::write(&out, &new)?;
+    }
+    println!("xtask: XDP object at {}", out.display());
+    Ok(())
+}
+
+fn build(root: &Path, release: bool) -> Result<()> {
+    build_ebpf(root)?;
+    let mut c = cargo(root);
+    c.args(["build", "--workspace", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(c)
+}

@@ -1,0 +1,413 @@
+//! Per-packet decisions: new connections (backend choice, SNAT port,
+//! conntrack entries), established flows, replies, and flow teardown.
+//!
+//! Nothing is written into the packet until every lookup and insert that can
+//! fail has succeeded, so a packet handed to the stack or dropped is never
+//! half rewritten.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
+    helpers::generated::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
+    programs::XdpContext,
+    EbpfContext,
+};
+use balancer_common::{
+    counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, BACKEND_LOCAL, DIR_TO_BACKEND,
+    DIR_TO_CLIENT, FLOW_CLOSING, FLOW_FIN_SEEN, IPPROTO_TCP, MAX_BACKENDS, SERVICE_ACTIVE,
+};
+
+use crate::{
+    csum::Delta,
+    maps::{account, count, CONNTRACK, RR_CURSOR, SERVICES, SETTINGS},
+    parse::{parse, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// How many consecutive SNAT ports a new flow tries before giving up. A
+/// range of at most this many ports is searched exhaustively.
+const SNAT_PROBES: u32 = 16; // keep in step with the `probe!` list below
+/// `last_seen_ns` is refreshed at most this often, to keep established
+/// packets from writing to the shared entry every time.
+const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+const AF_INET: u8 = 2;
+
+#[inline(always)]
+pub fn handle(ctx: &XdpContext) -> u32 {
+    let pkt = match parse(ctx) {
+        Ok(p) => p,
+        Err(why) => {
+            count(why.0);
+            return xdp_action::XDP_PASS;
+        }
+    };
+    let (saddr, daddr, sport, dport, flags) = unsafe {
+        (
+            (*pkt.ip).saddr,
+            (*pkt.ip).daddr,
+            (*pkt.tcp).source,
+            (*pkt.tcp).dest,
+            (*pkt.tcp).flags,
+        )
+    };
+    let key = FlowKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let skey = ServiceKey {
+        vip: daddr,
+        port: dport,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let Some(settings) = SETTINGS.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    if let Some(svc) = unsafe { SERVICES.get(&skey) } {
+        if svc.flags & SERVICE_ACTIVE == 0 {
+            count(counter::PASS_INACTIVE);
+            return xdp_action::XDP_PASS;
+        }
+        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            return new_connection(ctx, &pkt, &key, svc, settings);
+        }
+        return established(ctx, &pkt, &key, flags, settings, counter::FORWARDED);
+    }
+    // A reply from a remote backend comes to this node's address, at a port
+    // of the SNAT range.
+    let port = u16::from_be(dport);
+    if daddr == settings.node_addr
+        && port >= settings.snat_port_min
+        && port <= settings.snat_port_max
+    {
+        return established(ctx, &pkt, &key, flags, settings, counter::REVERSED);
+    }
+    count(counter::PASS_NOT_SERVICE);
+    xdp_action::XDP_PASS
+}
+
+/// The partner entry's key: the rewritten tuple seen from the other side.
+#[inline(always)]
+fn partner_key(e: &FlowEntry) -> FlowKey {
+    FlowKey {
+        saddr: e.nat_daddr,
+        daddr: e.nat_saddr,
+        sport: e.nat_dport,
+        dport: e.nat_sport,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+fn expired(e: &FlowEntry, now: u64, settings: &Settings) -> bool {
+    let timeout = if e.flags & FLOW_CLOSING != 0 {
+        settings.closing_timeout_ns
+    } else {
+        settings.idle_timeout_ns
+    };
+    now.wrapping_sub(e.last_seen_ns) > timeout
+}
+
+/// Forgets a flow: both of its entries.
+#[inline(always)]
+fn forget(key: &FlowKey, e: &FlowEntry) {
+    let _ = CONNTRACK.remove(partner_key(e));
+    let _ = CONNTRACK.remove(key);
+}
+
+/// A packet of a known flow, in either direction.
+#[inline(always)]
+fn established(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    flags: u8,
+    settings: &Settings,
+    what: u32,
+) -> u32 {
+    let Some(ep) = CONNTRACK.get_ptr_mut(key) else {
+        count(counter::PASS_NO_FLOW);
+        return xdp_action::XDP_PASS;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let e = unsafe { *ep };
+    if expired(&e, now, settings) {
+        forget(key, &e);
+        count(counter::FLOWS_EXPIRED);
+        count(counter::PASS_NO_FLOW);
+        return xdp_action::XDP_PASS;
+    }
+    if flags & TCP_RST != 0 {
+        forget(key, &e);
+        count(counter::FLOWS_RESET);
+    } else {
+        if flags & TCP_FIN != 0 {
+            let mut f = e.flags | FLOW_FIN_SEEN;
+            if let Some(pp) = CONNTRACK.get_ptr_mut(partner_key(&e)) {
+                unsafe {
+                    if (*pp).flags & FLOW_FIN_SEEN != 0 {
+                        (*pp).flags |= FLOW_CLOSING;
+                        (*pp).last_seen_ns = now;
+                        f |= FLOW_CLOSING;
+                    }
+                }
+            }
+            unsafe {
+                (*ep).flags = f;
+                (*ep).last_seen_ns = now;
+            }
+        } else if now.wrapping_sub(e.last_seen_ns) > TOUCH_INTERVAL_NS {
+            unsafe { (*ep).last_seen_ns = now };
+        }
+    }
+    account(e.service_id as u32, e.backend_slot as u32, pkt.len, false);
+    count(what);
+    rewrite(pkt, &e);
+    transmit(ctx, pkt, e.ifindex)
+}
+
+/// A SYN to an active service: choose a backend, and for a remote one set
+/// up the NAT.
+#[inline(always)]
+fn new_connection(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    svc: &Service,
+    settings: &Settings,
+) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A retransmitted SYN follows the flow its first copy created.
+    if let Some(ep) = CONNTRACK.get_ptr(key) {
+        let e = unsafe { *ep };
+        if !expired(&e, now, settings) && e.flags & FLOW_CLOSING == 0 {
+            account(e.service_id as u32, e.backend_slot as u32, pkt.len, false);
+            count(counter::FORWARDED);
+            rewrite(pkt, &e);
+            return transmit(ctx, pkt, e.ifindex);
+        }
+        // A new connection reusing the tuple of a dead or closing one.
+        forget(key, &e);
+    }
+
+    let n = svc.ready_count;
+    if n == 0 {
+        count(counter::DROP_NO_BACKEND);
+        return xdp_action::XDP_DROP;
+    }
+    let Some(cursor) = RR_CURSOR.get_ptr_mut(svc.id) else {
+        return xdp_action::XDP_PASS;
+    };
+    let turn = unsafe {
+        let c = *cursor;
+        *cursor = c.wrapping_add(1);
+        c
+    };
+    // The verifier does not bound the result of `%`, so mask the index. The
+    // agent never writes ready_count > MAX_BACKENDS; no bounds test on `n`
+    // here, or LLVM would prove the mask redundant and drop it.
+    let slot = svc.ready[((turn % n) as usize) & (MAX_BACKENDS - 1)] as usize;
+    if slot >= MAX_BACKENDS {
+        return xdp_action::XDP_PASS;
+    }
+    let backend = svc.backends[slot];
+    if backend.flags & BACKEND_LOCAL != 0 {
+        account(svc.id, slot as u32, pkt.len, true);
+        count(counter::PASS_LOCAL_BACKEND);
+        return xdp_action::XDP_PASS;
+    }
+
+    // Next hops both ways, before anything is written.
+    let ingress = ctx.ingress_ifindex() as u32;
+    let Some(to_backend) = fib(ctx, ingress, settings.node_addr, backend.addr) else {
+        count(counter::DROP_FIB);
+        return xdp_action::XDP_DROP;
+    };
+    let Some(to_client) = fib(ctx, ingress, key.daddr, key.saddr) else {
+        count(counter::DROP_FIB);
+        return xdp_action::XDP_DROP;
+    };
+
+    let reverse = FlowEntry {
+        nat_saddr: key.daddr,
+        nat_daddr: key.saddr,
+        nat_sport: key.dport,
+        nat_dport: key.sport,
+        ifindex: to_client.ifindex,
+        eth_src: to_client.smac,
+        eth_dst: to_client.dmac,
+        service_id: svc.id as u16,
+        backend_slot: slot as u8,
+        direction: DIR_TO_CLIENT,
+        flags: 0,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let template = backend_key(backend.addr, backend.port, settings.node_addr);
+    let Some((rkey, snat_port)) = claim_snat_port(settings, &template, &reverse) else {
+        count(counter::DROP_SNAT_EXHAUSTED);
+        return xdp_action::XDP_DROP;
+    };
+    let forward = FlowEntry {
+        nat_saddr: settings.node_addr,
+        nat_daddr: backend.addr,
+        nat_sport: snat_port,
+        nat_dport: backend.port,
+        ifindex: to_backend.ifindex,
+        eth_src: to_backend.smac,
+        eth_dst: to_backend.dmac,
+        service_id: svc.id as u16,
+        backend_slot: slot as u8,
+        direction: DIR_TO_BACKEND,
+        flags: 0,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    if CONNTRACK.insert(key, &forward, BPF_NOEXIST as u64).is_err() {
+        let _ = CONNTRACK.remove(&rkey);
+        count(counter::DROP_CONNTRACK_INSERT);
+        return xdp_action::XDP_DROP;
+    }
+    count(counter::FLOWS_CREATED);
+    count(counter::FORWARDED);
+    account(svc.id, slot as u32, pkt.len, true);
+    rewrite(pkt, &forward);
+    transmit(ctx, pkt, forward.ifindex)
+}
+
+/// The reverse key template for replies from `backend` to this node; the
+/// destination port is filled in per SNAT candidate.
+#[inline(always)]
+fn backend_key(addr: u32, port: u16, node_addr: u32) -> FlowKey {
+    FlowKey {
+        saddr: addr,
+        daddr: node_addr,
+        sport: port,
+        dport: 0,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// Finds a free SNAT port towards one backend by inserting the reverse entry
+/// with `BPF_NOEXIST`: the insert itself is the collision check, so two CPUs
+/// can never take the same port. Returns the key and the port (network order).
+#[inline(always)]
+fn claim_snat_port(
+    settings: &Settings,
+    template: &FlowKey,
+    reverse: &FlowEntry,
+) -> Option<(FlowKey, u16)> {
+    let min = settings.snat_port_min as u32;
+    let max = settings.snat_port_max as u32;
+    if max < min {
+        return None;
+    }
+    let range = max - min + 1;
+    let probes = if range < SNAT_PROBES { range } else { SNAT_PROBES };
+    let start = unsafe { bpf_get_prandom_u32() } % range;
+    let mut rkey = *template;
+    // Unrolled by hand: as a loop, LLVM rewrites the counter into `start + i`
+    // with an equality exit test, and the verifier can no longer prove the
+    // loop ends ("sequence of jumps is too complex").
+    macro_rules! probe {
+        ($($i:literal)*) => {$(
+            if $i < probes {
+                let port = (min + (start + $i) % range) as u16;
+                rkey.dport = port.to_be();
+                if CONNTRACK.insert(&rkey, reverse, BPF_NOEXIST as u64).is_ok() {
+                    return Some((rkey, port.to_be()));
+                }
+            }
+        )*};
+    }
+    probe!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+    None
+}
+
+/// Rewrites addresses, ports and MACs from `e`, updating both checksums.
+#[inline(always)]
+fn rewrite(pkt: &Packet, e: &FlowEntry) {
+    unsafe {
+        let ip = pkt.ip;
+        let tcp = pkt.tcp;
+        let addrs = Delta::new()
+            .u32((*ip).saddr, e.nat_saddr)
+            .u32((*ip).daddr, e.nat_daddr);
+        (*ip).check = addrs.apply((*ip).check);
+        let ports = addrs
+            .u16((*tcp).source, e.nat_sport)
+            .u16((*tcp).dest, e.nat_dport);
+        (*tcp).check = ports.apply((*tcp).check);
+        (*ip).saddr = e.nat_saddr;
+        (*ip).daddr = e.nat_daddr;
+        (*tcp).source = e.nat_sport;
+        (*tcp).dest = e.nat_dport;
+        (*pkt.eth).src = e.eth_src;
+        (*pkt.eth).dst = e.eth_dst;
+    }
+}
+
+/// Sends the rewritten frame: back out of the ingress interface, or to
+/// another one. A VLAN-tagged frame keeps its tag and goes back out where it
+/// came from (its backends must be on the same VLAN).
+#[inline(always)]
+fn transmit(ctx: &XdpContext, pkt: &Packet, ifindex: u32) -> u32 {
+    if pkt.tagged || ifindex == ctx.ingress_ifindex() as u32 {
+        xdp_action::XDP_TX
+    } else {
+        unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
+}
+
+struct NextHop {
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+/// `bpf_fib_lookup` from `src` to `dst`; `None` unless it found a route and
+/// a resolved neighbour.
+#[inline(always)]
+fn fib(ctx: &XdpContext, ifindex: u32, src: u32, dst: u32) -> Option<NextHop> {
+    use aya_ebpf::bindings::{
+        bpf_fib_lookup__bindgen_ty_1 as Len, bpf_fib_lookup__bindgen_ty_2 as Tos,
+        bpf_fib_lookup__bindgen_ty_3 as Src, bpf_fib_lookup__bindgen_ty_4 as Dst,
+        bpf_fib_lookup__bindgen_ty_5 as Tbid,
+    };
+    // Every byte set explicitly: a zeroed() of this struct becomes a memset
+    // loop the verifier may reject, and the helper reads all 64 bytes.
+    let mut p = FibParams {
+        family: AF_INET,
+        l4_protocol: IPPROTO_TCP,
+        sport: 0,
+        dport: 0,
+        __bindgen_anon_1: Len { tot_len: 0 },
+        ifindex,
+        __bindgen_anon_2: Tos { flowinfo: 0 },
+        __bindgen_anon_3: Src { ipv6_src: [src, 0, 0, 0] },
+        __bindgen_anon_4: Dst { ipv6_dst: [dst, 0, 0, 0] },
+        __bindgen_anon_5: Tbid { tbid: 0 },
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    Some(NextHop {
+        ifindex: p.ifindex,
+        smac: p.smac,
+        dmac: p.dmac,
+    })
+}
