@@ -7,8 +7,9 @@
 use std::{
     fs::File,
     os::fd::AsFd,
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, ExitStatus, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -52,7 +53,9 @@ impl Netns {
         // A leftover of a crashed earlier run with the same name goes first.
         let _ = run("ip", &["netns", "del", name]);
         run("ip", &["netns", "add", name])?;
-        let ns = Netns { name: name.to_string() };
+        let ns = Netns {
+            name: name.to_string(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -156,6 +159,36 @@ impl ChildGuard {
         let mut child = self.child.take().context("already stopped")?;
         unsafe { libc::kill(child.id() as i32, signal) };
         Ok(child.wait()?)
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the process to exit;
+    /// past the deadline it is killed (SIGKILL) and this fails.
+    pub fn stop_within(&mut self, signal: i32, timeout: Duration) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "pid {} still running {timeout:?} after signal {signal}; killed",
+                    child.id()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The exit status if the process has exited (never blocks).
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("already stopped"),
+        }
     }
 }
 

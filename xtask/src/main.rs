@@ -83,7 +83,13 @@ fn workspace_root() -> PathBuf {
 fn cargo(root: &Path) -> Command {
     let mut c = Command::new("cargo");
     c.current_dir(root);
-    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"] {
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+    ] {
         c.env_remove(var);
     }
     c

@@ -1,0 +1,298 @@
+//! `balancer stats`: reads the maps a running agent pinned and prints
+//! per-service and per-backend traffic, the verdict counters and the size of
+//! the conntrack table, for an operator.
+//!
+//! Reading ([`Snapshot::read`]) and printing ([`Snapshot::render`]) are
+//! separate so the table layout is tested without a kernel.
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use balancer_common::{
+    backend_stats_index, counter, names, FlowEntry, FlowKey, Service, ServiceKey, TrafficStats,
+    BACKEND_LOCAL, SERVICE_ACTIVE,
+};
+
+use crate::pins::versioned_dir;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    #[error(
+        "cannot open the pinned map {path} \
+         (is the agent running, with this pin directory?)"
+    )]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot read the pinned map {name}")]
+    Read {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Traffic of one backend slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendRow {
+    pub addr: SocketAddrV4,
+    pub local: bool,
+    pub ready: bool,
+    pub traffic: TrafficStats,
+}
+
+/// Traffic of one service and its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRow {
+    pub id: u32,
+    pub vip: SocketAddrV4,
+    pub active: bool,
+    pub traffic: TrafficStats,
+    pub backends: Vec<BackendRow>,
+}
+
+/// Everything `balancer stats` shows, summed over CPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: Vec<ServiceRow>,
+    /// `(name, value)` of every counter slot, in slot order.
+    pub counters: Vec<(&'static str, u64)>,
+    pub conntrack_entries: usize,
+}
+
+fn open(dir: &Path, name: &'static str) -> Result<Map, StatsError> {
+    let path = dir.join(name);
+    MapData::from_pin(&path)
+        .and_then(Map::from_map_data)
+        .map_err(|source| StatsError::Open { path, source })
+}
+
+fn sum(values: &[TrafficStats]) -> TrafficStats {
+    values
+        .iter()
+        .fold(TrafficStats::default(), |acc, v| TrafficStats {
+            packets: acc.packets.wrapping_add(v.packets),
+            bytes: acc.bytes.wrapping_add(v.bytes),
+            new_flows: acc.new_flows.wrapping_add(v.new_flows),
+        })
+}
+
+fn ipv4(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(be.to_ne_bytes())
+}
+
+fn port(be: u16) -> u16 {
+    u16::from_be_bytes(be.to_ne_bytes())
+}
+
+impl Snapshot {
+    /// Reads the maps pinned under `<pin_dir>/v<LAYOUT_VERSION>/`.
+    pub fn read(pin_dir: &Path) -> Result<Snapshot, StatsError> {
+        let dir = versioned_dir(pin_dir);
+        let read_err = |name| move |source| StatsError::Read { name, source };
+
+        let services: HashMap<MapData, ServiceKey, Service> =
+            HashMap::try_from(open(&dir, names::SERVICES)?).map_err(read_err(names::SERVICES))?;
+        let service_stats: PerCpuArray<MapData, TrafficStats> =
+            PerCpuArray::try_from(open(&dir, names::SERVICE_STATS)?)
+                .map_err(read_err(names::SERVICE_STATS))?;
+        let backend_stats: PerCpuArray<MapData, TrafficStats> =
+            PerCpuArray::try_from(open(&dir, names::BACKEND_STATS)?)
+                .map_err(read_err(names::BACKEND_STATS))?;
+        let counters: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(open(&dir, names::COUNTERS)?)
+                .map_err(read_err(names::COUNTERS))?;
+        let conntrack: HashMap<MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(open(&dir, names::CONNTRACK)?).map_err(read_err(names::CONNTRACK))?;
+
+        let mut rows = Vec::new();
+        for item in services.iter() {
+            let (key, value) = item.map_err(read_err(names::SERVICES))?;
+            let traffic = sum(&service_stats
+                .get(&value.id, 0)
+                .map_err(read_err(names::SERVICE_STATS))?);
+            let ready = &value.ready[..(value.ready_count as usize).min(value.ready.len())];
+            let mut backends = Vec::new();
+            let count = (value.backend_count as usize).min(value.backends.len());
+            for (slot, b) in value.backends[..count].iter().enumerate() {
+                let index = backend_stats_index(value.id, slot as u32);
+                backends.push(BackendRow {
+                    addr: SocketAddrV4::new(ipv4(b.addr), port(b.port)),
+                    local: b.flags & BACKEND_LOCAL != 0,
+                    ready: ready.contains(&(slot as u8)),
+                    traffic: sum(&backend_stats
+                        .get(&index, 0)
+                        .map_err(read_err(names::BACKEND_STATS))?),
+                });
+            }
+            rows.push(ServiceRow {
+                id: value.id,
+                vip: SocketAddrV4::new(ipv4(key.vip), port(key.port)),
+                active: value.flags & SERVICE_ACTIVE != 0,
+                traffic,
+                backends,
+            });
+        }
+        rows.sort_by_key(|r| r.id);
+
+        let mut counter_values = Vec::new();
+        for (slot, name) in counter::NAMES.iter().enumerate() {
+            let values = counters
+                .get(&(slot as u32), 0)
+                .map_err(read_err(names::COUNTERS))?;
+            let total = values.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+            counter_values.push((*name, total));
+        }
+
+        let conntrack_entries = conntrack.keys().filter(|k| k.is_ok()).count();
+
+        Ok(Snapshot {
+            services: rows,
+            counters: counter_values,
+            conntrack_entries,
+        })
+    }
+
+    /// The operator's table.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<4} {:<24} {:<9} {:>14} {:>16} {:>12}",
+            "ID", "SERVICE / BACKEND", "STATE", "PACKETS", "BYTES", "NEW FLOWS"
+        );
+        for s in &self.services {
+            let _ = writeln!(
+                out,
+                "{:<4} {:<24} {:<9} {:>14} {:>16} {:>12}",
+                s.id,
+                s.vip.to_string(),
+                if s.active { "active" } else { "inactive" },
+                s.traffic.packets,
+                s.traffic.bytes,
+                s.traffic.new_flows
+            );
+            for b in &s.backends {
+                let state = match (b.ready, b.local) {
+                    (true, true) => "ready,local",
+                    (true, false) => "ready",
+                    (false, true) => "down,local",
+                    (false, false) => "down",
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<4} {:<24} {:<9} {:>14} {:>16} {:>12}",
+                    "",
+                    format!("  {}", b.addr),
+                    state,
+                    b.traffic.packets,
+                    b.traffic.bytes,
+                    b.traffic.new_flows
+                );
+            }
+        }
+        if self.services.is_empty() {
+            let _ = writeln!(out, "(no services)");
+        }
+        let _ = writeln!(out);
+        let nonzero: Vec<_> = self.counters.iter().filter(|(_, v)| *v > 0).collect();
+        let _ = writeln!(out, "COUNTERS");
+        if nonzero.is_empty() {
+            let _ = writeln!(out, "  (all zero)");
+        }
+        for (name, value) in nonzero {
+            let _ = writeln!(out, "  {name:<24} {value:>16}");
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "CONNTRACK entries: {}", self.conntrack_entries);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_order_helpers_read_wire_bytes() {
+        assert_eq!(
+            ipv4(u32::from_ne_bytes([198, 18, 0, 100])),
+            Ipv4Addr::new(198, 18, 0, 100)
+        );
+        assert_eq!(port(u16::from_ne_bytes(6380u16.to_be_bytes())), 6380);
+    }
+
+    #[test]
+    fn per_cpu_values_are_summed() {
+        let a = TrafficStats {
+            packets: 1,
+            bytes: 100,
+            new_flows: 1,
+        };
+        let b = TrafficStats {
+            packets: 2,
+            bytes: 50,
+            new_flows: 0,
+        };
+        assert_eq!(
+            sum(&[a, b]),
+            TrafficStats {
+                packets: 3,
+                bytes: 150,
+                new_flows: 1
+            }
+        );
+    }
+
+    #[test]
+    fn table_shows_services_backends_and_nonzero_counters() {
+        let snap = Snapshot {
+            services: vec![ServiceRow {
+                id: 0,
+                vip: "198.18.0.100:6380".parse().unwrap(),
+                active: true,
+                traffic: TrafficStats {
+                    packets: 10,
+                    bytes: 1000,
+                    new_flows: 2,
+                },
+                backends: vec![
+                    BackendRow {
+                        addr: "198.18.0.1:6380".parse().unwrap(),
+                        local: true,
+                        ready: true,
+                        traffic: TrafficStats {
+                            packets: 4,
+                            bytes: 400,
+                            new_flows: 1,
+                        },
+                    },
+                    BackendRow {
+                        addr: "198.18.0.2:6380".parse().unwrap(),
+                        local: false,
+                        ready: false,
+                        traffic: TrafficStats::default(),
+                    },
+                ],
+            }],
+            counters: vec![("forwarded", 6), ("drop_fib", 0)],
+            conntrack_entries: 2,
+        };
+        let text = snap.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("ID"));
+        assert!(lines[1].contains("198.18.0.100:6380") && lines[1].contains("active"));
+        assert!(lines[1].contains(" 1000 ") || lines[1].contains(" 1000"));
+        assert!(lines[2].contains("198.18.0.1:6380") && lines[2].contains("ready,local"));
+        assert!(lines[3].contains("198.18.0.2:6380") && lines[3].contains("down"));
+        assert!(text.contains("forwarded"));
+        assert!(!text.contains("drop_fib"));
+        assert!(text.contains("CONNTRACK entries: 2"));
+    }
+}
