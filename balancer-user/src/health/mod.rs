@@ -1,0 +1,49 @@
+//! KeyDB-aware health checks: is each backend fit to take new connections?
+//!
+//! The pieces, from the wire up:
+//!
+//! - [`Checker`] (a [`HealthCheck`]) checks one backend once: TCP connect,
+//!   optional `AUTH`, `PING`, `INFO persistence`, `INFO replication`, all
+//!   within one timeout, and returns a [`Probe`]: READY, or [`NotReady`]
+//!   with the reason. KeyDB answers PING while loading its dataset, so the
+//!   INFO fields (`loading`, `role`, `master_link_status`,
+//!   `master_sync_in_progress`) decide, not PING.
+//! - [`BackendHealth`] damps a backend's probes with rise/fall counters
+//!   ([`Damping`]) into a [`Badness`].
+//! - [`select_serving`] turns the badness of every backend of a service
+//!   into the set that gets new connections: the READY ones, or, when none
+//!   is, the single least bad one that can still answer, so a replication
+//!   link alone never takes the last serving node out.
+//! - [`HealthConfig`] holds interval, timeout, rise, fall, initial state
+//!   and the password file, with a pure `validate()`.
+//! - [`fake`] is a RESP-speaking fake KeyDB for tests.
+//!
+//! Checks run in the agent's tokio runtime; everything after the probe is
+//! pure. Not here: the per-backend scheduling loop, writing backend sets
+//! to the data plane, the election priority penalty, logging of state
+//! changes (the caller knows the backend's name).
+
+mod check;
+mod config;
+mod damping;
+pub mod fake;
+mod info;
+mod policy;
+mod resp;
+
+#[cfg(test)]
+mod redis_tests;
+#[cfg(test)]
+mod tests;
+
+pub use check::{
+    Checker, HealthCheck, NotReady, Password, PasswordError, Probe, Readiness, Stage,
+    MAX_PASSWORD_LEN,
+};
+pub use config::{
+    HealthConfig, HealthConfigError, DEFAULT_FALL, DEFAULT_INTERVAL_MS, DEFAULT_RISE,
+    DEFAULT_TIMEOUT_MS, MAX_INTERVAL_MS, MAX_RISE_FALL, MIN_INTERVAL_MS,
+};
+pub use damping::{BackendHealth, BadnessChange, Damping, Health, InitialHealth};
+pub use info::{LinkState, Role};
+pub use policy::{select_serving, Badness, Candidate};
