@@ -21,7 +21,9 @@ use tracing::{debug, info, warn};
 use crate::{
     config::Config,
     conntrack::{self, FlowTimeouts},
-    dataplane::{remote_backends, service_entry, settings_value, DataPlane, DataPlaneError},
+    dataplane::{
+        remote_backends, service_entry, settings_value, DataPlane, DataPlaneError, ServiceTable,
+    },
     error_chain, neighbour,
     netlink::{self, Netlink, NetlinkError, VipGuard},
     pins::{self, PinDir, PinDirError},
@@ -78,7 +80,8 @@ impl Drop for Task {
 /// removed, sysctls restored.
 struct Running {
     _tasks: Vec<Task>,
-    dataplane: DataPlane,
+    services: ServiceTable,
+    _dataplane: DataPlane,
     _pins: PinDir,
     _vips: Option<VipGuard>,
     _sysctls: SysctlGuard,
@@ -88,7 +91,7 @@ impl Running {
     fn stop(mut self) {
         // Tell the data plane first that this node no longer holds the VIPs,
         // so nothing is half-handled while the rest comes down.
-        if let Err(error) = self.dataplane.set_active(false) {
+        if let Err(error) = self.services.set_active(false) {
             warn!(error = %error_chain(&error), "could not clear the active flags");
         }
         drop(self);
@@ -144,7 +147,6 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
         .enumerate()
         .map(|(id, service)| service_entry(id as u32, service, dp.active, is_local))
         .collect();
-    dataplane.write_services(entries)?;
 
     let sysctls = SysctlGuard::apply(dp.snat_ports, interface)?;
 
@@ -165,6 +167,7 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
     let mode = dataplane.attach(ifindex, dp.xdp_mode)?;
     dataplane.pin_maps(pins.dir())?;
 
+    let services = dataplane.take_service_table(entries)?;
     let table = dataplane.take_conntrack()?;
     let timeouts = FlowTimeouts::new(dp.idle_timeout, dp.closing_timeout);
     let max_entries = balancer_common::conntrack_entries(dp.conntrack_flows) as usize;
@@ -193,7 +196,8 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
 
     Ok(Running {
         _tasks: tasks,
-        dataplane,
+        services,
+        _dataplane: dataplane,
         _pins: pins,
         _vips: vips,
         _sysctls: sysctls,

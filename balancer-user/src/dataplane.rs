@@ -179,7 +179,6 @@ enum LinkState {
 /// The loaded object, its attachment and its pins.
 pub struct DataPlane {
     ebpf: Ebpf,
-    services: Vec<(ServiceKey, Service)>,
     link: Option<LinkState>,
     mode: Option<AttachMode>,
     pinned: Vec<PathBuf>,
@@ -188,7 +187,6 @@ pub struct DataPlane {
 impl std::fmt::Debug for DataPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DataPlane")
-            .field("services", &self.services.len())
             .field("mode", &self.mode)
             .field("pinned", &self.pinned)
             .finish()
@@ -214,7 +212,6 @@ impl DataPlane {
         );
         Ok(DataPlane {
             ebpf,
-            services: Vec::new(),
             link: None,
             mode: None,
             pinned: Vec::new(),
@@ -243,39 +240,27 @@ impl DataPlane {
             .map_err(|source| DataPlaneError::Map { name, source })
     }
 
-    /// Writes one `SERVICES` entry per service and remembers them for
-    /// [`DataPlane::set_active`].
-    pub fn write_services(
+    /// Writes one `SERVICES` entry per service and hands back the table
+    /// that keeps them up to date from now on (holder flag, READY sets).
+    /// Pin the maps first: this moves the map out of the object.
+    pub fn take_service_table(
         &mut self,
         services: Vec<(ServiceKey, Service)>,
-    ) -> Result<(), DataPlaneError> {
-        self.services = services;
-        self.store_services()
-    }
-
-    /// Sets or clears [`SERVICE_ACTIVE`] on every service (one map update
-    /// per service, so a packet sees either the old or the new value).
-    pub fn set_active(&mut self, active: bool) -> Result<(), DataPlaneError> {
-        for (_, value) in &mut self.services {
-            if active {
-                value.flags |= SERVICE_ACTIVE;
-            } else {
-                value.flags &= !SERVICE_ACTIVE;
-            }
-        }
-        self.store_services()
-    }
-
-    fn store_services(&mut self) -> Result<(), DataPlaneError> {
+    ) -> Result<ServiceTable, DataPlaneError> {
         let name = names::SERVICES;
-        let map = self.ebpf.map_mut(name).ok_or(DataPlaneError::NoMap(name))?;
-        let mut hash: HashMap<&mut MapData, ServiceKey, Service> =
-            HashMap::try_from(map).map_err(|source| DataPlaneError::Map { name, source })?;
-        for (key, value) in &self.services {
-            hash.insert(key, value, 0)
-                .map_err(|source| DataPlaneError::Map { name, source })?;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DataPlaneError::NoMap(name))?;
+        let map = HashMap::try_from(map).map_err(|source| DataPlaneError::Map { name, source })?;
+        let mut table = ServiceTable {
+            map,
+            entries: services,
+        };
+        for i in 0..table.entries.len() {
+            table.store(i)?;
         }
-        Ok(())
+        Ok(table)
     }
 
     /// Attaches the program to `ifindex`. `Auto` tries native first and
@@ -420,6 +405,92 @@ pub fn remote_backends(
         }
     }
     out
+}
+
+/// The `SERVICES` map and the values the agent last wrote to it. Every
+/// change rewrites a service's whole value in one map update, so a packet
+/// sees either the old or the new backend set, never a mix.
+pub struct ServiceTable {
+    map: HashMap<MapData, ServiceKey, Service>,
+    entries: Vec<(ServiceKey, Service)>,
+}
+
+impl std::fmt::Debug for ServiceTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceTable")
+            .field("entries", &self.entries)
+            .finish()
+    }
+}
+
+impl ServiceTable {
+    /// Number of services.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The value last written for service `id`.
+    pub fn get(&self, id: usize) -> Option<&Service> {
+        self.entries.get(id).map(|(_, v)| v)
+    }
+
+    /// Sets or clears [`SERVICE_ACTIVE`] on every service.
+    pub fn set_active(&mut self, active: bool) -> Result<(), DataPlaneError> {
+        for i in 0..self.entries.len() {
+            let value = &mut self.entries[i].1;
+            if active {
+                value.flags |= SERVICE_ACTIVE;
+            } else {
+                value.flags &= !SERVICE_ACTIVE;
+            }
+            self.store(i)?;
+        }
+        Ok(())
+    }
+
+    /// Whether this node currently serves the VIPs.
+    pub fn is_active(&self) -> bool {
+        self.entries
+            .first()
+            .is_some_and(|(_, v)| v.flags & SERVICE_ACTIVE != 0)
+    }
+
+    /// Makes `slots` (indices into the service's backends, in round-robin
+    /// order) the READY set of service `id`. Unknown or repeated slots are
+    /// ignored.
+    pub fn set_ready(&mut self, id: usize, slots: &[u8]) -> Result<(), DataPlaneError> {
+        let Some((_, value)) = self.entries.get_mut(id) else {
+            return Ok(());
+        };
+        let mut ready = [0u8; MAX_BACKENDS];
+        let mut n = 0usize;
+        for &slot in slots {
+            if (slot as u32) < value.backend_count
+                && !ready[..n].contains(&slot)
+                && n < MAX_BACKENDS
+            {
+                ready[n] = slot;
+                n += 1;
+            }
+        }
+        value.ready = ready;
+        value.ready_count = n as u32;
+        self.store(id)
+    }
+
+    fn store(&mut self, id: usize) -> Result<(), DataPlaneError> {
+        let (key, value) = &self.entries[id];
+        self.map
+            .insert(key, value, 0)
+            .map_err(|source| DataPlaneError::Map {
+                name: names::SERVICES,
+                source,
+            })
+    }
 }
 
 #[cfg(test)]
