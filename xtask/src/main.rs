@@ -56,11 +56,20 @@ fn main() -> Result<()> {
             setup(&root)?;
             build(&root, false)?;
             let mut test = cargo(&root);
-            test.args(["test", "--workspace", "--no-fail-fast"]);
+            // Unit, integration and binary tests; no doc tests (none exist,
+            // and their empty runs would close the output).
+            test.args([
+                "test",
+                "--workspace",
+                "--no-fail-fast",
+                "--lib",
+                "--bins",
+                "--tests",
+            ]);
             if !args.is_empty() {
                 test.arg("--").args(args);
             }
-            run(test)
+            run_tests(test)
         }
         Cmd::Demo => {
             setup(&root)?;
@@ -104,6 +113,55 @@ fn run(mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, echoing its output, and closes with one summary line
+/// over every test binary: `xtask test: N passed, M failed`.
+fn run_tests(mut cmd: Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {shown}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = parse_test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    println!("xtask test: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// `(passed, failed)` from a libtest line such as
+/// `test result: ok. 18 passed; 0 failed; 0 ignored; ...`.
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let mut passed = None;
+    let mut failed = None;
+    for part in rest.split([';', '.']) {
+        let mut words = part.split_whitespace();
+        if let (Some(n), Some(what)) = (words.next(), words.next()) {
+            match what {
+                "passed" => passed = n.parse().ok(),
+                "failed" => failed = n.parse().ok(),
+                _ => {}
+            }
+        }
+    }
+    Some((passed?, failed?))
+}
+
 fn setup(root: &Path) -> Result<()> {
     let mut c = Command::new("bash");
     c.arg(root.join("scripts/setup.sh"));
@@ -138,4 +196,24 @@ fn build(root: &Path, release: bool) -> Result<()> {
         c.arg("--release");
     }
     run(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn reads_libtest_summary_lines() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 18 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.66s"
+            ),
+            Some((18, 0))
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 }
