@@ -7,16 +7,28 @@
 //! in reverse order. The XDP link is pinned last: its pin
 //! (`<pin_dir>/v<LAYOUT_VERSION>/xdp_link`) is the "data plane ready"
 //! signal.
+//!
+//! Two modes. Static (no `[vrrp]`): `[dataplane] active` decides once
+//! whether this node holds the VIPs. Election (`[vrrp]`): services start
+//! inactive, no VIP is added at startup, and once the data plane is ready
+//! the [`Election`] adds/removes the VIPs and flips the active flag. On
+//! SIGTERM/SIGINT the election stops first (a master sends priority 0,
+//! clears the flag, removes the VIPs), then the data plane comes down.
 
-use std::{collections::HashSet, net::Ipv4Addr};
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
 
 use aya_log::EbpfLogger;
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, Signal, SignalKind},
+    sync::watch,
     task::JoinHandle,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::Config,
@@ -24,7 +36,14 @@ use crate::{
     dataplane::{
         remote_backends, service_entry, settings_value, DataPlane, DataPlaneError, ServiceTable,
     },
-    error_chain, neighbour,
+    election::{Election, ElectionError, ElectionSetup},
+    error_chain,
+    flow_reset::{self, FlowReset, FlowResetError},
+    health::{
+        monitor::{self, MonitoredService},
+        Checker, PasswordError,
+    },
+    neighbour,
     netlink::{self, Netlink, NetlinkError, VipGuard},
     pins::{self, PinDir, PinDirError},
     sysctl::{SysctlError, SysctlGuard},
@@ -42,6 +61,14 @@ pub enum AgentError {
     DataPlane(#[from] DataPlaneError),
     #[error(transparent)]
     Sysctl(#[from] SysctlError),
+    #[error("cannot start the VRRP election")]
+    Election(#[from] ElectionError),
+    #[error("the VRRP election ended unexpectedly")]
+    ElectionEnded,
+    #[error("cannot read the health-check password")]
+    Password(#[from] PasswordError),
+    #[error("cannot reset flows of failed backends")]
+    FlowReset(#[from] FlowResetError),
 }
 
 /// SIGTERM and SIGINT.
@@ -75,12 +102,14 @@ impl Drop for Task {
     }
 }
 
-/// The running data plane. Fields drop in declaration order: tasks stop,
-/// the program is detached and unpinned, the pin directory goes, VIPs are
-/// removed, sysctls restored.
+/// The running data plane. Fields drop in declaration order: the election
+/// stops (releasing the VIPs), tasks stop, the program is detached and
+/// unpinned, the pin directory goes, static VIPs are removed, sysctls
+/// restored.
 struct Running {
+    election: Option<Election>,
     _tasks: Vec<Task>,
-    services: ServiceTable,
+    services: Arc<Mutex<ServiceTable>>,
     _dataplane: DataPlane,
     _pins: PinDir,
     _vips: Option<VipGuard>,
@@ -88,12 +117,27 @@ struct Running {
 }
 
 impl Running {
-    fn stop(mut self) {
-        // Tell the data plane first that this node no longer holds the VIPs,
-        // so nothing is half-handled while the rest comes down.
-        if let Err(error) = self.services.set_active(false) {
+    /// Resolves only if the election thread ends on its own.
+    async fn election_ended(&self) {
+        match &self.election {
+            Some(election) => election.ended().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn stop(mut self) {
+        // A graceful election stop first: the backup takes over after
+        // Skew_Time, and this node has released the VIPs.
+        if let Some(election) = self.election.take() {
+            election.shutdown().await;
+        }
+        // Tell the data plane that this node no longer holds the VIPs, so
+        // nothing is half-handled while the rest comes down.
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(error) = services.set_active(false) {
             warn!(error = %error_chain(&error), "could not clear the active flags");
         }
+        drop(services);
         drop(self);
     }
 }
@@ -108,9 +152,16 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             return Ok(());
         }
     };
-    let signal = signals.recv().await;
+    let signal = tokio::select! {
+        signal = signals.recv() => signal,
+        () = running.election_ended() => {
+            error!("the VRRP election ended unexpectedly; stopping");
+            running.stop().await;
+            return Err(AgentError::ElectionEnded);
+        }
+    };
     info!(signal, "stopping");
-    running.stop();
+    running.stop().await;
     info!("stopped");
     Ok(())
 }
@@ -141,16 +192,23 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
         );
     }
     let is_local = |addr: Ipv4Addr| addr == config.node.address || node_addrs.contains(&addr);
+    // Every service starts with an empty READY set: a backend serves only
+    // once the health monitor has checked it.
     let entries = config
         .services
         .iter()
         .enumerate()
-        .map(|(id, service)| service_entry(id as u32, service, dp.active, is_local))
+        .map(|(id, service)| {
+            let (key, mut value) = service_entry(id as u32, service, dp.active, is_local);
+            value.ready_count = 0;
+            (key, value)
+        })
         .collect();
 
     let sysctls = SysctlGuard::apply(dp.snat_ports, interface)?;
 
-    let vips = if dp.active {
+    // With an election, the election adds the VIPs when it becomes master.
+    let vips = if dp.active && config.vrrp.is_none() {
         let vips: Vec<Ipv4Addr> = config.services.iter().map(|s| s.vip).collect();
         Some(VipGuard::add(&netlink, ifindex, interface, &vips).await?)
     } else {
@@ -158,19 +216,49 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
     };
 
     let remote = remote_backends(&config.services, is_local);
+    // The health checks connect to every backend each interval, which keeps
+    // the neighbour entries the XDP program's FIB lookups need resolved.
     let unresolved = neighbour::wait_resolved(&netlink, &remote, neighbour::STARTUP_WAIT).await;
-    let mut tasks = vec![Task(tokio::spawn(neighbour::keep_resolved(
-        remote.clone(),
-        unresolved.clone(),
-    )))];
+    let mut tasks = Vec::new();
 
     let mode = dataplane.attach(ifindex, dp.xdp_mode)?;
     dataplane.pin_maps(pins.dir())?;
 
-    let services = dataplane.take_service_table(entries)?;
+    let services = Arc::new(Mutex::new(dataplane.take_service_table(entries)?));
     let table = dataplane.take_conntrack()?;
     let timeouts = FlowTimeouts::new(dp.idle_timeout, dp.closing_timeout);
     let max_entries = balancer_common::conntrack_entries(dp.conntrack_flows) as usize;
+
+    // Health: backends leaving a service's READY set have their flows
+    // through this node reset, so clients reconnect at once.
+    let reset_table = conntrack::another_handle(&table).map_err(|source| DataPlaneError::Map {
+        name: balancer_common::names::CONNTRACK,
+        source,
+    })?;
+    let own_addrs = node_addrs.iter().copied().chain([config.node.address]);
+    let reset = FlowReset::new(reset_table, own_addrs, max_entries)?;
+    let (resets, requests) = flow_reset::channel();
+    tasks.push(Task(tokio::spawn(flow_reset::run(reset, requests))));
+    let checker = Checker::from_config(&config.health)?;
+    let (has_ready_backend, mut has_ready_backend_rx) = watch::channel(false);
+    has_ready_backend_rx.mark_unchanged();
+    tasks.push(Task(tokio::spawn(monitor::run(
+        MonitoredService::from_config(&config.services, is_local),
+        checker,
+        &config.health,
+        Arc::clone(&services),
+        has_ready_backend,
+        move |left| resets.request(left.service_id, left.backend),
+    ))));
+    // Announce readiness only once the first checks set the READY sets
+    // (bounded: a backend that does not answer times out).
+    let first_sets = config.health.timeout() * 2 + std::time::Duration::from_millis(500);
+    if tokio::time::timeout(first_sets, has_ready_backend_rx.changed())
+        .await
+        .is_err()
+    {
+        warn!(after = ?first_sets, "the first health checks have not finished; starting anyway");
+    }
     tasks.push(Task(tokio::spawn(conntrack::run_sweeper(
         table,
         timeouts,
@@ -186,6 +274,7 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
         ifindex,
         %mode,
         active = dp.active,
+        election = config.vrrp.is_some(),
         services = config.services.len(),
         remote_backends = remote.len(),
         unresolved_backends = unresolved.len(),
@@ -194,7 +283,13 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
         "data plane ready"
     );
 
+    let election = match ElectionSetup::from_config(config, ifindex) {
+        Some(setup) => Some(Election::start(setup, services.clone(), has_ready_backend_rx).await?),
+        None => None,
+    };
+
     Ok(Running {
+        election,
         _tasks: tasks,
         services,
         _dataplane: dataplane,

@@ -8,8 +8,11 @@
 //! [node]
 //! interface = "eth0"
 //! address = "198.18.0.1"
-//! [dataplane]
-//! active = true
+//! [vrrp]                  # optional: without it, [dataplane] active decides
+//! vrid = 101
+//! priority = 150
+//! [health]                # optional: health::HealthConfig defaults
+//! interval_ms = 100
 //! [[service]]
 //! vip = "198.18.0.100"
 //! port = 6380
@@ -28,6 +31,11 @@ use std::{
 
 use balancer_common::{DEFAULT_CONNTRACK_FLOWS, MAX_BACKENDS, MAX_SERVICES};
 use serde::Deserialize;
+
+use crate::{
+    health::HealthConfig,
+    vrrp::{Auth, V3Checksum, Version},
+};
 
 /// Default `[dataplane] pin_dir`.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/balancer";
@@ -56,6 +64,13 @@ pub struct ConfigFile {
     /// Data-plane settings. Default: every field at its default.
     #[serde(default)]
     pub dataplane: DataplaneSection,
+    /// The VIP election. Default: none; `[dataplane] active` decides
+    /// statically whether this node holds the VIPs.
+    #[serde(default)]
+    pub vrrp: Option<VrrpSection>,
+    /// Health checks of the backends. Default: every field at its default.
+    #[serde(default)]
+    pub health: HealthConfig,
     /// The services (`[[service]]` tables). Required: 1 to 64 of them.
     #[serde(default)]
     pub service: Vec<ServiceSection>,
@@ -81,10 +96,10 @@ pub struct DataplaneSection {
     /// back to generic with a warning.
     #[serde(default)]
     pub xdp_mode: XdpMode,
-    /// This node holds the VIPs (stand-in until the VRRP election lands).
-    /// Default `false`.
+    /// This node holds the VIPs, statically (no election). Must not be set
+    /// together with `[vrrp]`. Default `false`.
     #[serde(default)]
-    pub active: bool,
+    pub active: Option<bool>,
     /// First source port used for NAT towards remote backends. Default 61000.
     #[serde(default = "default_snat_port_min")]
     pub snat_port_min: u16,
@@ -112,7 +127,7 @@ impl Default for DataplaneSection {
     fn default() -> Self {
         DataplaneSection {
             xdp_mode: XdpMode::default(),
-            active: false,
+            active: None,
             snat_port_min: DEFAULT_SNAT_PORT_MIN,
             snat_port_max: DEFAULT_SNAT_PORT_MAX,
             conntrack_flows: DEFAULT_CONNTRACK_FLOWS,
@@ -183,8 +198,25 @@ impl fmt::Display for XdpMode {
 pub struct Config {
     pub node: Node,
     pub dataplane: Dataplane,
+    /// The election; `None` = static mode (`dataplane.active`).
+    pub vrrp: Option<Vrrp>,
+    /// Validated health-check settings.
+    pub health: HealthConfig,
     /// In file order; a service's index is its id in the data plane.
     pub services: Vec<ServiceConfig>,
+}
+
+impl Config {
+    /// The VRRP virtual addresses: every service's VIP, once, in file order.
+    pub fn vips(&self) -> Vec<Ipv4Addr> {
+        let mut vips: Vec<Ipv4Addr> = Vec::new();
+        for service in &self.services {
+            if !vips.contains(&service.vip) {
+                vips.push(service.vip);
+            }
+        }
+        vips
+    }
 }
 
 /// This node.
@@ -239,6 +271,135 @@ pub struct ServiceConfig {
     pub port: u16,
     /// In round-robin order; the index is the backend's slot.
     pub backends: Vec<SocketAddrV4>,
+}
+
+/// Default `[vrrp] priority`.
+pub const DEFAULT_VRRP_PRIORITY: u32 = 100;
+/// Default `[vrrp] version`.
+pub const DEFAULT_VRRP_VERSION: u32 = 3;
+/// Default `[vrrp] advert_interval_ms` (keepalived's is 1000).
+pub const DEFAULT_ADVERT_INTERVAL_MS: u64 = 100;
+/// Default `[vrrp] garp_count`.
+pub const DEFAULT_GARP_COUNT: u32 = 5;
+/// Largest `[vrrp] garp_count`.
+pub const MAX_GARP_COUNT: u32 = 100;
+/// Default `[vrrp] garp_repeat_delay_ms`.
+pub const DEFAULT_GARP_REPEAT_DELAY_MS: u64 = 5000;
+/// Default `[vrrp] no_ready_backend_weight`.
+pub const DEFAULT_NO_READY_BACKEND_WEIGHT: u32 = 50;
+/// Largest `preempt_delay_ms` and `garp_repeat_delay_ms` (one hour).
+pub const MAX_VRRP_DELAY_MS: u64 = 3_600_000;
+
+/// `[vrrp]`: this node's VRRP instance. One per node; its virtual
+/// addresses are the services' VIPs, its primary address `node.address`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VrrpSection {
+    /// Virtual Router ID, 1 to 255. Required, no default.
+    pub vrid: u32,
+    /// Priority, 1 to 254, or 255 for the address owner. Default 100.
+    #[serde(default = "default_vrrp_priority")]
+    pub priority: u32,
+    /// Protocol version, 2 or 3. Default 3.
+    #[serde(default = "default_vrrp_version")]
+    pub version: u32,
+    /// Time between adverts, milliseconds. VRRPv3: a multiple of 10 from 10
+    /// to 40950; VRRPv2: a multiple of 1000 from 1000 to 255000. Default 100.
+    #[serde(default = "default_advert_interval_ms")]
+    pub advert_interval_ms: u64,
+    /// A higher-priority backup takes over from a live lower-priority
+    /// master. Default true.
+    #[serde(default = "default_true")]
+    pub preempt: bool,
+    /// Preemption waits this long, milliseconds. Default 0.
+    #[serde(default)]
+    pub preempt_delay_ms: u64,
+    /// VRRPv2 only: simple password (`auth_type PASS`), 1 to 8 bytes.
+    /// Default: none (auth type 0).
+    #[serde(default)]
+    pub auth_pass: Option<String>,
+    /// How the VRRPv3 checksum is computed when sending: `"pseudo-header"`
+    /// (keepalived 2.2) or `"rfc9568"`. The other form is accepted on
+    /// receive. Default `"pseudo-header"`.
+    #[serde(default)]
+    pub v3_checksum: V3ChecksumName,
+    /// Send adverts to these addresses instead of multicast 224.0.0.18, and
+    /// accept adverts only from them. Default `[]` (multicast).
+    #[serde(default)]
+    pub unicast_peers: Vec<String>,
+    /// Gratuitous ARPs per VIP in each burst, 0 to 100. Default 5.
+    #[serde(default = "default_garp_count")]
+    pub garp_count: u32,
+    /// The burst sent on becoming master is repeated this long after,
+    /// milliseconds; 0 = no repeat. Default 5000.
+    #[serde(default = "default_garp_repeat_delay_ms")]
+    pub garp_repeat_delay_ms: u64,
+    /// Absolute path of a command run as `<notify> <state> <vrid>` (state:
+    /// master, backup, fault or stopped) on each state change; never waited
+    /// for by the election. Default: none.
+    #[serde(default)]
+    pub notify: Option<PathBuf>,
+    /// Priority is lowered by this much while this node's data plane has no
+    /// READY backend, 0 to 254. Default 50.
+    #[serde(default = "default_no_ready_backend_weight")]
+    pub no_ready_backend_weight: u32,
+}
+
+/// `[vrrp] v3_checksum`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum V3ChecksumName {
+    /// keepalived 2.2's default: with the IPv4 pseudo-header.
+    #[default]
+    #[serde(rename = "pseudo-header")]
+    PseudoHeader,
+    /// RFC 9568: without a pseudo-header.
+    #[serde(rename = "rfc9568")]
+    Rfc9568,
+}
+
+fn default_vrrp_priority() -> u32 {
+    DEFAULT_VRRP_PRIORITY
+}
+fn default_vrrp_version() -> u32 {
+    DEFAULT_VRRP_VERSION
+}
+fn default_advert_interval_ms() -> u64 {
+    DEFAULT_ADVERT_INTERVAL_MS
+}
+fn default_true() -> bool {
+    true
+}
+fn default_garp_count() -> u32 {
+    DEFAULT_GARP_COUNT
+}
+fn default_garp_repeat_delay_ms() -> u64 {
+    DEFAULT_GARP_REPEAT_DELAY_MS
+}
+fn default_no_ready_backend_weight() -> u32 {
+    DEFAULT_NO_READY_BACKEND_WEIGHT
+}
+
+/// Validated `[vrrp]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vrrp {
+    pub vrid: u8,
+    /// Configured (base) priority.
+    pub priority: u8,
+    pub version: Version,
+    /// Advertisement interval, centiseconds.
+    pub advert_interval_cs: u16,
+    pub preempt: bool,
+    pub preempt_delay: Duration,
+    /// VRRPv2 authentication; [`Auth::None`] for VRRPv3.
+    pub auth: Auth,
+    pub v3_checksum: V3Checksum,
+    /// Empty = multicast.
+    pub unicast_peers: Vec<Ipv4Addr>,
+    pub garp_count: u32,
+    /// `None` = no repeat burst.
+    pub garp_repeat_delay: Option<Duration>,
+    pub notify: Option<PathBuf>,
+    pub no_ready_backend_weight: u8,
 }
 
 /// Why a configuration was rejected. Every variant names the file.
@@ -305,6 +466,21 @@ impl ConfigFile {
     pub fn validate(&self) -> Result<Config, FieldError> {
         let node = self.node.validate()?;
         let dataplane = self.dataplane.validate()?;
+        let vrrp = match &self.vrrp {
+            Some(section) => {
+                if self.dataplane.active.is_some() {
+                    return Err(field_error(
+                        "dataplane.active",
+                        "must not be set together with [vrrp]: the election decides which node holds the VIPs",
+                    ));
+                }
+                Some(section.validate(node.address)?)
+            }
+            None => None,
+        };
+        self.health
+            .validate()
+            .map_err(|e| field_error(format!("health.{}", e.field), e.message))?;
 
         if self.service.is_empty() {
             return Err(field_error(
@@ -342,6 +518,16 @@ impl ConfigFile {
                 format!("{} is also a service VIP", node.address),
             ));
         }
+        if let Some(vrrp) = &vrrp {
+            for (i, peer) in vrrp.unicast_peers.iter().enumerate() {
+                if vips.contains(peer) {
+                    return Err(field_error(
+                        format!("vrrp.unicast_peers[{i}]"),
+                        format!("{peer} is a service VIP, not a peer"),
+                    ));
+                }
+            }
+        }
         for (i, s) in services.iter().enumerate() {
             for (j, b) in s.backends.iter().enumerate() {
                 if vips.contains(b.ip()) {
@@ -356,6 +542,8 @@ impl ConfigFile {
         Ok(Config {
             node,
             dataplane,
+            vrrp,
+            health: self.health.clone(),
             services,
         })
     }
@@ -431,7 +619,7 @@ impl DataplaneSection {
         }
         Ok(Dataplane {
             xdp_mode: self.xdp_mode,
-            active: self.active,
+            active: self.active.unwrap_or(false),
             snat_ports: SnatPortRange {
                 min: self.snat_port_min,
                 max: self.snat_port_max,
@@ -442,6 +630,149 @@ impl DataplaneSection {
             pin_dir: self.pin_dir.clone(),
         })
     }
+}
+
+impl VrrpSection {
+    fn validate(&self, node_address: Ipv4Addr) -> Result<Vrrp, FieldError> {
+        let vrid = match u8::try_from(self.vrid) {
+            Ok(v) if v >= 1 => v,
+            _ => {
+                return Err(field_error(
+                    "vrrp.vrid",
+                    format!("{} is outside 1..=255", self.vrid),
+                ))
+            }
+        };
+        let priority = match u8::try_from(self.priority) {
+            Ok(p) if p >= 1 => p,
+            _ => {
+                return Err(field_error(
+                    "vrrp.priority",
+                    format!("{} is outside 1..=255 (255 = address owner)", self.priority),
+                ))
+            }
+        };
+        let version = match self.version {
+            2 => Version::V2,
+            3 => Version::V3,
+            other => {
+                return Err(field_error(
+                    "vrrp.version",
+                    format!("{other} is not a VRRP version: 2 or 3"),
+                ))
+            }
+        };
+        let ms = self.advert_interval_ms;
+        let advert_interval_cs = match version {
+            Version::V3 => {
+                if !ms.is_multiple_of(10) || !(10..=40_950).contains(&ms) {
+                    return Err(field_error(
+                        "vrrp.advert_interval_ms",
+                        format!("{ms} is not a multiple of 10 from 10 to 40950 (VRRPv3 counts centiseconds)"),
+                    ));
+                }
+                (ms / 10) as u16
+            }
+            Version::V2 => {
+                if !ms.is_multiple_of(1000) || !(1000..=255_000).contains(&ms) {
+                    return Err(field_error(
+                        "vrrp.advert_interval_ms",
+                        format!("{ms} is not a multiple of 1000 from 1000 to 255000 (VRRPv2 counts seconds)"),
+                    ));
+                }
+                (ms / 10) as u16
+            }
+        };
+        let preempt_delay = delay(self.preempt_delay_ms, "vrrp.preempt_delay_ms")?;
+        let auth = match (&self.auth_pass, version) {
+            (None, _) => Auth::None,
+            (Some(_), Version::V3) => {
+                return Err(field_error(
+                    "vrrp.auth_pass",
+                    "VRRPv3 has no authentication; auth_pass needs version = 2",
+                ))
+            }
+            (Some(pass), Version::V2) => {
+                if pass.is_empty() {
+                    return Err(field_error("vrrp.auth_pass", "must not be empty"));
+                }
+                // The message never shows the password.
+                Auth::pass(pass).map_err(|e| field_error("vrrp.auth_pass", e.to_string()))?
+            }
+        };
+        let v3_checksum = match self.v3_checksum {
+            V3ChecksumName::PseudoHeader => V3Checksum::WithPseudoHeader,
+            V3ChecksumName::Rfc9568 => V3Checksum::WithoutPseudoHeader,
+        };
+        let mut unicast_peers = Vec::with_capacity(self.unicast_peers.len());
+        for (i, text) in self.unicast_peers.iter().enumerate() {
+            let field = format!("vrrp.unicast_peers[{i}]");
+            let peer = parse_unicast(text, &field)?;
+            if peer == node_address {
+                return Err(field_error(
+                    &field,
+                    format!("{peer} is node.address: list the other nodes"),
+                ));
+            }
+            if unicast_peers.contains(&peer) {
+                return Err(field_error(&field, format!("{peer} is listed twice")));
+            }
+            unicast_peers.push(peer);
+        }
+        if self.garp_count > MAX_GARP_COUNT {
+            return Err(field_error(
+                "vrrp.garp_count",
+                format!("{} is outside 0..={MAX_GARP_COUNT}", self.garp_count),
+            ));
+        }
+        let garp_repeat_delay = match delay(self.garp_repeat_delay_ms, "vrrp.garp_repeat_delay_ms")?
+        {
+            d if d.is_zero() => None,
+            d => Some(d),
+        };
+        if let Some(path) = &self.notify {
+            if !path.is_absolute() {
+                return Err(field_error(
+                    "vrrp.notify",
+                    format!("{:?} is not an absolute path", path),
+                ));
+            }
+        }
+        let no_ready_backend_weight = match u8::try_from(self.no_ready_backend_weight) {
+            Ok(w) if w <= 254 => w,
+            _ => {
+                return Err(field_error(
+                    "vrrp.no_ready_backend_weight",
+                    format!("{} is outside 0..=254", self.no_ready_backend_weight),
+                ))
+            }
+        };
+        Ok(Vrrp {
+            vrid,
+            priority,
+            version,
+            advert_interval_cs,
+            preempt: self.preempt,
+            preempt_delay,
+            auth,
+            v3_checksum,
+            unicast_peers,
+            garp_count: self.garp_count,
+            garp_repeat_delay,
+            notify: self.notify.clone(),
+            no_ready_backend_weight,
+        })
+    }
+}
+
+fn delay(ms: u64, field: &str) -> Result<Duration, FieldError> {
+    if ms > MAX_VRRP_DELAY_MS {
+        return Err(field_error(
+            field,
+            format!("{ms} is outside 0..={MAX_VRRP_DELAY_MS}"),
+        ));
+    }
+    Ok(Duration::from_millis(ms))
 }
 
 fn timeout(secs: u64, field: &str) -> Result<Duration, FieldError> {
@@ -794,6 +1125,264 @@ backends = ["198.18.0.2:6380"]
         let text = with("dataplane", "snat_port_min = 2000\nsnat_port_max = 2000");
         let c = parse(&text, "b.toml").unwrap();
         assert_eq!(c.dataplane.snat_ports.len(), 1);
+    }
+
+    const VRRP_FULL: &str = r#"
+[node]
+interface = "eth0"
+address = "198.18.0.1"
+[dataplane]
+pin_dir = "/run/balancer-bpf/n1"
+[vrrp]
+vrid = 101
+priority = 150
+version = 3
+advert_interval_ms = 250
+preempt = false
+preempt_delay_ms = 1500
+v3_checksum = "rfc9568"
+unicast_peers = ["198.18.0.2", "198.18.0.3"]
+garp_count = 3
+garp_repeat_delay_ms = 0
+notify = "/usr/local/bin/vrrp-notify"
+no_ready_backend_weight = 60
+[health]
+interval_ms = 200
+timeout_ms = 150
+rise = 1
+fall = 2
+[[service]]
+vip = "198.18.0.100"
+port = 6380
+backends = ["198.18.0.1:6380", "198.18.0.2:6380"]
+[[service]]
+vip = "198.18.0.100"
+port = 6381
+backends = ["198.18.0.1:6381"]
+[[service]]
+vip = "198.18.0.101"
+port = 6380
+backends = ["198.18.0.1:6380"]
+"#;
+
+    #[test]
+    fn vrrp_section_parses_every_field() {
+        let c = parse(VRRP_FULL, "b.toml").unwrap();
+        let v = c.vrrp.clone().expect("[vrrp] present");
+        assert_eq!(v.vrid, 101);
+        assert_eq!(v.priority, 150);
+        assert_eq!(v.version, Version::V3);
+        assert_eq!(v.advert_interval_cs, 25);
+        assert!(!v.preempt);
+        assert_eq!(v.preempt_delay, Duration::from_millis(1500));
+        assert_eq!(v.auth, Auth::None);
+        assert_eq!(v.v3_checksum, V3Checksum::WithoutPseudoHeader);
+        assert_eq!(
+            v.unicast_peers,
+            vec![Ipv4Addr::new(198, 18, 0, 2), Ipv4Addr::new(198, 18, 0, 3)]
+        );
+        assert_eq!(v.garp_count, 3);
+        assert_eq!(v.garp_repeat_delay, None);
+        assert_eq!(v.notify, Some(PathBuf::from("/usr/local/bin/vrrp-notify")));
+        assert_eq!(v.no_ready_backend_weight, 60);
+        assert!(!c.dataplane.active);
+        assert_eq!(c.health.interval_ms, 200);
+        assert_eq!(c.health.timeout_ms, 150);
+        assert_eq!((c.health.rise, c.health.fall), (1, 2));
+        assert_eq!(
+            c.vips(),
+            vec![
+                Ipv4Addr::new(198, 18, 0, 100),
+                Ipv4Addr::new(198, 18, 0, 101)
+            ]
+        );
+    }
+
+    #[test]
+    fn vrrp_defaults() {
+        let c = parse(&with("vrrp", "vrid = 7"), "b.toml").unwrap();
+        let v = c.vrrp.unwrap();
+        assert_eq!(v.vrid, 7);
+        assert_eq!(v.priority, 100);
+        assert_eq!(v.version, Version::V3);
+        assert_eq!(v.advert_interval_cs, 10);
+        assert!(v.preempt);
+        assert_eq!(v.preempt_delay, Duration::ZERO);
+        assert_eq!(v.auth, Auth::None);
+        assert_eq!(v.v3_checksum, V3Checksum::WithPseudoHeader);
+        assert!(v.unicast_peers.is_empty());
+        assert_eq!(v.garp_count, 5);
+        assert_eq!(v.garp_repeat_delay, Some(Duration::from_secs(5)));
+        assert_eq!(v.notify, None);
+        assert_eq!(v.no_ready_backend_weight, 50);
+        assert_eq!(c.health, HealthConfig::default());
+        // Without [vrrp]: static mode, no election.
+        assert_eq!(parse(MINIMAL, "b.toml").unwrap().vrrp, None);
+    }
+
+    #[test]
+    fn vrrp_v2_with_password_as_keepalived_writes_it() {
+        let c = parse(
+            &with(
+                "vrrp",
+                "vrid = 101\nversion = 2\nadvert_interval_ms = 1000\nauth_pass = \"1111\"",
+            ),
+            "b.toml",
+        )
+        .unwrap();
+        let v = c.vrrp.unwrap();
+        assert_eq!(v.version, Version::V2);
+        assert_eq!(v.advert_interval_cs, 100);
+        assert_eq!(v.auth, Auth::pass("1111").unwrap());
+    }
+
+    #[test]
+    fn vrrp_fields_are_named_in_errors() {
+        let cases: &[(&str, &str)] = &[
+            ("vrid = 0", "vrrp.vrid"),
+            ("vrid = 256", "vrrp.vrid"),
+            ("vrid = 1\npriority = 0", "vrrp.priority"),
+            ("vrid = 1\npriority = 256", "vrrp.priority"),
+            ("vrid = 1\nversion = 4", "vrrp.version"),
+            (
+                "vrid = 1\nadvert_interval_ms = 0",
+                "vrrp.advert_interval_ms",
+            ),
+            (
+                "vrid = 1\nadvert_interval_ms = 105",
+                "vrrp.advert_interval_ms",
+            ),
+            (
+                "vrid = 1\nadvert_interval_ms = 40960",
+                "vrrp.advert_interval_ms",
+            ),
+            ("vrid = 1\nversion = 2", "vrrp.advert_interval_ms"),
+            (
+                "vrid = 1\nversion = 2\nadvert_interval_ms = 1500",
+                "vrrp.advert_interval_ms",
+            ),
+            (
+                "vrid = 1\nversion = 2\nadvert_interval_ms = 256000",
+                "vrrp.advert_interval_ms",
+            ),
+            (
+                "vrid = 1\npreempt_delay_ms = 3600001",
+                "vrrp.preempt_delay_ms",
+            ),
+            ("vrid = 1\nauth_pass = \"1111\"", "vrrp.auth_pass"),
+            (
+                "vrid = 1\nversion = 2\nadvert_interval_ms = 1000\nauth_pass = \"\"",
+                "vrrp.auth_pass",
+            ),
+            (
+                "vrid = 1\nversion = 2\nadvert_interval_ms = 1000\nauth_pass = \"123456789\"",
+                "vrrp.auth_pass",
+            ),
+            (
+                "vrid = 1\nunicast_peers = [\"198.18.0\"]",
+                "vrrp.unicast_peers[0]",
+            ),
+            (
+                "vrid = 1\nunicast_peers = [\"198.18.0.2\", \"224.0.0.18\"]",
+                "vrrp.unicast_peers[1]",
+            ),
+            (
+                "vrid = 1\nunicast_peers = [\"198.18.0.1\"]",
+                "vrrp.unicast_peers[0]",
+            ),
+            (
+                "vrid = 1\nunicast_peers = [\"198.18.0.2\", \"198.18.0.2\"]",
+                "vrrp.unicast_peers[1]",
+            ),
+            (
+                "vrid = 1\nunicast_peers = [\"198.18.0.100\"]",
+                "vrrp.unicast_peers[0]",
+            ),
+            ("vrid = 1\ngarp_count = 101", "vrrp.garp_count"),
+            (
+                "vrid = 1\ngarp_repeat_delay_ms = 3600001",
+                "vrrp.garp_repeat_delay_ms",
+            ),
+            ("vrid = 1\nnotify = \"notify.sh\"", "vrrp.notify"),
+            (
+                "vrid = 1\nno_ready_backend_weight = 255",
+                "vrrp.no_ready_backend_weight",
+            ),
+        ];
+        for (lines, field) in cases {
+            let err = invalid(&with("vrrp", lines));
+            assert_eq!(err.field, *field, "{err} for {lines:?}");
+            assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
+        }
+    }
+
+    #[test]
+    fn vrrp_password_never_appears_in_errors() {
+        let err = parse(
+            &with(
+                "vrrp",
+                "vrid = 1\nversion = 2\nadvert_interval_ms = 1000\nauth_pass = \"sekret-pass\"",
+            ),
+            "b.toml",
+        )
+        .unwrap_err();
+        let text = crate::error_chain(&err);
+        assert!(text.contains("vrrp.auth_pass"), "{text}");
+        assert!(!text.contains("sekret"), "{text}");
+    }
+
+    #[test]
+    fn vrrp_and_static_active_are_exclusive() {
+        for active in ["true", "false"] {
+            let text = with("dataplane", &format!("active = {active}"));
+            let err = invalid(&with_section(&text, "vrrp", "vrid = 1"));
+            assert_eq!(err.field, "dataplane.active", "{err}");
+        }
+        // Static mode keeps working.
+        let c = parse(&with("dataplane", "active = true"), "b.toml").unwrap();
+        assert!(c.dataplane.active);
+        assert_eq!(c.vrrp, None);
+    }
+
+    #[test]
+    fn vrrp_unknown_field_and_bad_checksum_name_are_parse_errors() {
+        for lines in [
+            "vrid = 1\nadvert_int = 1",
+            "vrid = 1\nv3_checksum = \"none\"",
+            "priority = 100",
+            "vrid = -1",
+        ] {
+            let err = parse(&with("vrrp", lines), "b.toml").unwrap_err();
+            assert!(matches!(err, ConfigError::Parse { .. }), "{lines}: {err}");
+        }
+    }
+
+    #[test]
+    fn health_fields_are_named_in_errors() {
+        let cases: &[(&str, &str)] = &[
+            ("interval_ms = 5", "health.interval_ms"),
+            ("timeout_ms = 0", "health.timeout_ms"),
+            ("rise = 0", "health.rise"),
+            ("fall = 0", "health.fall"),
+            ("password_file = \"relative\"", "health.password_file"),
+        ];
+        for (line, field) in cases {
+            let err = invalid(&with("health", line));
+            assert_eq!(err.field, *field, "{err} for {line:?}");
+        }
+        let err = parse(&with("health", "intervall_ms = 100"), "b.toml").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    }
+
+    /// `text` with `line` inserted after `[section]`'s header (added if
+    /// missing).
+    fn with_section(text: &str, section: &str, line: &str) -> String {
+        let header = format!("[{section}]\n");
+        if text.contains(&header) {
+            text.replacen(&header, &format!("{header}{line}\n"), 1)
+        } else {
+            format!("{text}{header}{line}\n")
+        }
     }
 
     #[test]

@@ -1,19 +1,35 @@
-//! Conntrack expiry sweep: removes NAT flows nobody has sent a packet on
-//! for longer than their timeout, so their SNAT ports become free again.
+//! The agent's side of `CONNTRACK`: the expiry sweep, and purging the
+//! flows of a backend taken out of service.
 //!
-//! The XDP program only notices an expired flow when a packet of it
-//! arrives; a flow that simply goes quiet would hold its SNAT port until
+//! Expiry: the XDP program only notices an expired flow when a packet of
+//! it arrives; a flow that simply goes quiet would hold its SNAT port until
 //! LRU eviction. Every [`SWEEP_INTERVAL`] this module walks `CONNTRACK` and
 //! deletes both entries (forward and reverse) of each flow whose entries
 //! have all expired. Timestamps are `bpf_ktime_get_ns()`, i.e.
 //! `CLOCK_MONOTONIC`.
+//!
+//! Purge ([`purge_backends`]): deletes both entries of every flow of given
+//! (service, backend) pairs and returns the flows, so that
+//! [`crate::flow_reset`] can tell their clients. The client's next packet
+//! then finds no flow, XDP passes it and the local stack answers with an
+//! RST.
 
-use std::{collections::HashMap as StdHashMap, time::Duration};
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsFd,
+    time::Duration,
+};
 
 use crate::error_chain;
-use aya::maps::{HashMap, MapData, MapError};
-use balancer_common::{FlowEntry, FlowKey, FLOW_CLOSING, IPPROTO_TCP};
+use aya::maps::{HashMap, IterableMap, Map, MapData, MapError};
+use balancer_common::{
+    FlowEntry, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_CLOSING, IPPROTO_TCP,
+};
 use tracing::{debug, info, warn};
+
+/// The `CONNTRACK` map as user space holds it.
+pub type ConntrackMap = HashMap<MapData, FlowKey, FlowEntry>;
 
 /// How often the table is swept.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -158,6 +174,172 @@ pub fn sweep(
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
             Err(error) => warn!(error = %error_chain(&error), "could not delete a conntrack entry"),
         }
+    }
+    report
+}
+
+/// A second handle on the same kernel map (a duplicated descriptor), for a
+/// task other than the sweeper.
+pub fn another_handle(table: &ConntrackMap) -> Result<ConntrackMap, MapError> {
+    let fd = table
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|io_error| aya::sys::SyscallError {
+            call: "dup",
+            io_error,
+        })?;
+    HashMap::try_from(Map::from_map_data(MapData::from_fd(fd)?)?)
+}
+
+/// The flows of one backend of one service: what [`purge_backends`] looks
+/// for. A backend shared by two services can leave one and stay in the
+/// other, so the service is part of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServiceBackend {
+    /// The service's id (its index in `SERVICES` values and stats).
+    pub service_id: u32,
+    /// The backend's address and port.
+    pub backend: SocketAddrV4,
+}
+
+/// One NATed flow, with the addresses of both of its legs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NatFlow {
+    /// The service it belongs to.
+    pub service_id: u32,
+    /// The client's address and port.
+    pub client: SocketAddrV4,
+    /// The address the client talks to: VIP and service port.
+    pub vip: SocketAddrV4,
+    /// This node's address and the flow's SNAT port: the source the
+    /// backend sees.
+    pub snat: SocketAddrV4,
+    /// The backend.
+    pub backend: SocketAddrV4,
+}
+
+fn wire_addr(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr.to_ne_bytes())
+}
+
+fn wire_port(port: u16) -> u16 {
+    u16::from_be_bytes(port.to_ne_bytes())
+}
+
+fn sock(addr: u32, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(wire_addr(addr), wire_port(port))
+}
+
+/// The flow an entry belongs to, and the keys of its forward and reverse
+/// entries. `None` for an entry of unknown direction.
+pub fn nat_flow(key: &FlowKey, entry: &FlowEntry) -> Option<(NatFlow, [FlowKey; 2])> {
+    let service_id = u32::from(entry.service_id);
+    match entry.direction {
+        // Key client -> VIP; rewritten to node:snat -> backend.
+        DIR_TO_BACKEND => Some((
+            NatFlow {
+                service_id,
+                client: sock(key.saddr, key.sport),
+                vip: sock(key.daddr, key.dport),
+                snat: sock(entry.nat_saddr, entry.nat_sport),
+                backend: sock(entry.nat_daddr, entry.nat_dport),
+            },
+            [*key, partner_key(entry)],
+        )),
+        // Key backend -> node:snat; rewritten to VIP -> client.
+        DIR_TO_CLIENT => Some((
+            NatFlow {
+                service_id,
+                client: sock(entry.nat_daddr, entry.nat_dport),
+                vip: sock(entry.nat_saddr, entry.nat_sport),
+                snat: sock(key.daddr, key.dport),
+                backend: sock(key.saddr, key.sport),
+            },
+            [partner_key(entry), *key],
+        )),
+        _ => None,
+    }
+}
+
+/// The flows among `entries` that belong to one of `targets`, each once
+/// (a flow is usually seen through both of its entries), with the keys of
+/// both of their entries. Pure.
+pub fn flows_to_purge(
+    entries: impl IntoIterator<Item = (FlowKey, FlowEntry)>,
+    targets: &HashSet<ServiceBackend>,
+) -> Vec<(NatFlow, [FlowKey; 2])> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (key, entry) in entries {
+        let Some((flow, keys)) = nat_flow(&key, &entry) else {
+            continue;
+        };
+        let target = ServiceBackend {
+            service_id: flow.service_id,
+            backend: flow.backend,
+        };
+        if targets.contains(&target) && seen.insert(keys[0]) {
+            out.push((flow, keys));
+        }
+    }
+    out
+}
+
+/// What one purge did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Entries seen in the walk.
+    pub entries: usize,
+    /// The flows found, each purged (both of its entries deleted, or
+    /// already gone).
+    pub flows: Vec<NatFlow>,
+    /// Entries deleted.
+    pub deleted: usize,
+}
+
+/// Deletes both entries of every flow of `targets` from `table` and returns
+/// the flows. Blocking (one syscall per entry): run it off the async
+/// threads. Flows created while the walk runs may be missed: take the
+/// backend out of the service's READY set first, so that none are.
+pub fn purge_backends(
+    table: &mut ConntrackMap,
+    targets: &HashSet<ServiceBackend>,
+    max_entries: usize,
+) -> PurgeReport {
+    let mut report = PurgeReport::default();
+    if targets.is_empty() {
+        return report;
+    }
+    let mut entries = Vec::new();
+    // Collect first: deleting while iterating restarts the kernel's walk.
+    for item in table.iter().take(max_entries.saturating_mul(2)) {
+        match item {
+            Ok(pair) => {
+                report.entries += 1;
+                entries.push(pair);
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(error) => {
+                warn!(error = %error_chain(&error), "conntrack walk stopped early");
+                break;
+            }
+        }
+    }
+    for (flow, keys) in flows_to_purge(entries, targets) {
+        for key in keys {
+            match table.remove(&key) {
+                Ok(()) => report.deleted += 1,
+                // Gone already: the data plane removed it (RST, expiry).
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(error) => {
+                    warn!(error = %error_chain(&error), "could not delete a conntrack entry")
+                }
+            }
+        }
+        report.flows.push(flow);
     }
     report
 }
@@ -333,6 +515,120 @@ mod tests {
             keys,
             sorted(vec![entries[0].0, entries[1].0, entries[4].0, entries[5].0])
         );
+    }
+
+    /// Both entries of a flow of `service` from client 198.18.0.50:`client_port`
+    /// to VIP 198.18.0.100:6380, NATed from 198.18.0.1:`snat` to
+    /// 198.18.0.`backend`:6380.
+    fn nat(service: u16, client_port: u16, snat: u16, backend: u8) -> [(FlowKey, FlowEntry); 2] {
+        let fwd_key = FlowKey {
+            saddr: ip(50),
+            daddr: ip(100),
+            sport: port(client_port),
+            dport: port(6380),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let fwd = FlowEntry {
+            nat_saddr: ip(1),
+            nat_daddr: ip(backend),
+            nat_sport: port(snat),
+            nat_dport: port(6380),
+            service_id: service,
+            backend_slot: backend,
+            direction: DIR_TO_BACKEND,
+            last_seen_ns: 1,
+            ..Default::default()
+        };
+        let rev_key = partner_key(&fwd);
+        let rev = FlowEntry {
+            nat_saddr: ip(100),
+            nat_daddr: ip(50),
+            nat_sport: port(6380),
+            nat_dport: port(client_port),
+            service_id: service,
+            backend_slot: backend,
+            direction: DIR_TO_CLIENT,
+            last_seen_ns: 1,
+            ..Default::default()
+        };
+        [(fwd_key, fwd), (rev_key, rev)]
+    }
+
+    fn target(service_id: u32, backend: u8) -> ServiceBackend {
+        ServiceBackend {
+            service_id,
+            backend: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, backend), 6380),
+        }
+    }
+
+    #[test]
+    fn nat_flow_reads_both_legs_from_either_entry() {
+        let [(fk, fe), (rk, re)] = nat(3, 40000, 61000, 2);
+        let expected = NatFlow {
+            service_id: 3,
+            client: "198.18.0.50:40000".parse().unwrap(),
+            vip: "198.18.0.100:6380".parse().unwrap(),
+            snat: "198.18.0.1:61000".parse().unwrap(),
+            backend: "198.18.0.2:6380".parse().unwrap(),
+        };
+        assert_eq!(nat_flow(&fk, &fe), Some((expected, [fk, rk])));
+        assert_eq!(nat_flow(&rk, &re), Some((expected, [fk, rk])));
+        let odd = FlowEntry { direction: 7, ..fe };
+        assert_eq!(nat_flow(&fk, &odd), None);
+    }
+
+    #[test]
+    fn purge_selects_exactly_the_flows_of_the_target() {
+        let mut entries = Vec::new();
+        entries.extend(nat(0, 40000, 61000, 2)); // target
+        entries.extend(nat(0, 40001, 61001, 2)); // target
+        entries.extend(nat(0, 40002, 61002, 3)); // other backend
+        entries.extend(nat(1, 40003, 61003, 2)); // same backend, other service
+        let [orphan_rev, _] = {
+            let [f, r] = nat(0, 40004, 61004, 2); // target, reverse entry only
+            [r, f]
+        };
+        entries.push(orphan_rev);
+        let targets = HashSet::from([target(0, 2)]);
+        let mut found = flows_to_purge(entries.iter().copied(), &targets);
+        found.sort_by_key(|(f, _)| f.client.port());
+        let clients: Vec<u16> = found.iter().map(|(f, _)| f.client.port()).collect();
+        assert_eq!(clients, [40000, 40001, 40004]);
+        assert_eq!(found[0].1, [entries[0].0, entries[1].0]);
+        assert_eq!(found[2].1[1], orphan_rev.0);
+        assert!(found
+            .iter()
+            .all(|(f, _)| f.service_id == 0 && f.backend == target(0, 2).backend));
+        assert!(flows_to_purge(entries, &HashSet::new()).is_empty());
+    }
+
+    /// Root: a real (standalone) BPF hash map with the conntrack layout.
+    #[test]
+    fn purge_deletes_exactly_the_target_entries_from_a_map() {
+        let mut table = ConntrackMap::create(64, 0).expect("creating a BPF map needs root");
+        let mut all = Vec::new();
+        all.extend(nat(0, 40000, 61000, 2));
+        all.extend(nat(0, 40001, 61001, 2));
+        all.extend(nat(0, 40002, 61002, 3));
+        all.extend(nat(1, 40003, 61003, 2));
+        for (k, v) in &all {
+            table.insert(k, v, 0).unwrap();
+        }
+        // A second handle sees and changes the same map.
+        let mut other = another_handle(&table).unwrap();
+        let report = purge_backends(&mut other, &HashSet::from([target(0, 2)]), 64);
+        assert_eq!(report.entries, 8);
+        assert_eq!(report.deleted, 4);
+        let mut clients: Vec<u16> = report.flows.iter().map(|f| f.client.port()).collect();
+        clients.sort();
+        assert_eq!(clients, [40000, 40001]);
+        let left: HashSet<FlowKey> = table.keys().map(Result::unwrap).collect();
+        let expected: HashSet<FlowKey> = all[4..].iter().map(|(k, _)| *k).collect();
+        assert_eq!(left, expected);
+        // Nothing left to purge: a second purge finds nothing.
+        let again = purge_backends(&mut table, &HashSet::from([target(0, 2)]), 64);
+        assert_eq!((again.entries, again.deleted, again.flows.len()), (4, 0, 0));
     }
 
     #[test]

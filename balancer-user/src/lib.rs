@@ -6,18 +6,28 @@
 //! [`netlink`] (addresses, neighbours), [`sysctl`], [`neighbour`] (keeping
 //! backends' ARP entries resolved), [`conntrack`] (expiry sweep) and
 //! [`stats`] (`balancer stats`).
+//!
+//! Election: [`vrrp`] (the pure protocol: packets and state machine),
+//! [`election`] (its runtime: timers, interface, VIPs, active flag),
+//! [`vrrp_socket`] (adverts on the wire), [`garp`] (gratuitous ARP) and
+//! [`notify`] (the notify command). Health: [`health`].
 
 pub mod agent;
 pub mod config;
 pub mod conntrack;
 pub mod dataplane;
+pub mod election;
+pub mod flow_reset;
+pub mod garp;
 pub mod health;
 pub mod neighbour;
 pub mod netlink;
+pub mod notify;
 pub mod pins;
 pub mod stats;
 pub mod sysctl;
 pub mod vrrp;
+pub mod vrrp_socket;
 
 /// `error` followed by its sources, joined with ": ": for log fields,
 /// where only the outermost message would otherwise be shown.

@@ -2,13 +2,11 @@
 //!
 //! The XDP program takes next-hop MACs from `bpf_fib_lookup` and drops (and
 //! counts) a new connection whose next hop has no resolved neighbour: it
-//! never hands a half-rewritten packet to the stack. So the agent must keep
-//! those entries alive. It does so by talking to each remote backend: a TCP
-//! connect every [`PROBE_INTERVAL`], closed at once. A refused connection
-//! counts too: the answer came back, so the neighbour is resolved.
-//!
-//! This is a stand-in: the health checks will connect to every backend
-//! anyway and replace the probe.
+//! never hands a half-rewritten packet to the stack. So before attaching,
+//! the agent resolves them by talking to each remote backend (a TCP
+//! connect, closed at once; a refused connection counts too: the answer came
+//! back, so the neighbour is resolved). From then on the health checks,
+//! which connect to every backend each interval, keep them resolved.
 
 use std::{
     io,
@@ -17,12 +15,10 @@ use std::{
 };
 
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::netlink::Netlink;
 
-/// How often each remote backend is probed.
-pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one probe may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long startup waits for every remote backend's neighbour.
@@ -97,34 +93,6 @@ pub async fn wait_resolved(
         );
     }
     pending
-}
-
-/// Probes every backend each [`PROBE_INTERVAL`] until the task is aborted,
-/// logging when a backend stops or starts answering. `silent` are those
-/// known not to answer yet (from [`wait_resolved`]).
-pub async fn keep_resolved(backends: Vec<SocketAddrV4>, silent: Vec<SocketAddrV4>) {
-    if backends.is_empty() {
-        return;
-    }
-    let mut answering: Vec<bool> = backends.iter().map(|b| !silent.contains(b)).collect();
-    let mut interval = tokio::time::interval(PROBE_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        let probes =
-            futures_util::future::join_all(backends.iter().map(|b| probe(*b, PROBE_TIMEOUT))).await;
-        for ((backend, outcome), was) in backends.iter().zip(probes).zip(&mut answering) {
-            let now = outcome == Probe::Answered;
-            if now != *was {
-                if now {
-                    info!(%backend, "backend answers again");
-                } else {
-                    warn!(%backend, "backend stopped answering");
-                }
-                *was = now;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

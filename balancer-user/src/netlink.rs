@@ -1,20 +1,26 @@
 //! rtnetlink: the one place where the agent reads or changes interfaces,
 //! addresses and the neighbour table.
 //!
-//! [`VipGuard`] adds the VIPs this node holds and removes exactly the ones it
-//! added when dropped. Nothing else in the agent touches addresses.
+//! [`VipGuard`] adds the VIPs this node holds (static mode) and removes
+//! exactly the ones it added when dropped. With an election, the election
+//! adds and removes them through [`Netlink::add_vip`] and
+//! [`Netlink::remove_vip`], and follows the interface through
+//! [`InterfaceEvents`]. Nothing else in the agent touches addresses.
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::error_chain;
-use futures_util::stream::TryStreamExt;
+use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
 use rtnetlink::{
+    packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
         address::{AddressAttribute, AddressMessage},
+        link::{LinkAttribute, LinkFlags, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-        AddressFamily,
+        AddressFamily, RouteNetlinkMessage,
     },
-    AddressMessageBuilder, Handle,
+    sys::SocketAddr,
+    AddressMessageBuilder, Handle, MulticastGroup,
 };
 use tracing::{info, warn};
 
@@ -42,6 +48,16 @@ pub enum NetlinkError {
     },
     #[error("cannot list neighbours")]
     ListNeighbours(#[source] rtnetlink::Error),
+    #[error("cannot read interface {ifindex}")]
+    GetLink {
+        ifindex: u32,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("interface {ifindex} has no Ethernet address")]
+    NoHardwareAddress { ifindex: u32 },
+    #[error("cannot subscribe to interface events")]
+    Subscribe(#[source] std::io::Error),
     #[error("cannot start a runtime for netlink clean-up")]
     Runtime(#[source] std::io::Error),
 }
@@ -81,6 +97,75 @@ impl Netlink {
             }
         }
         Ok(out)
+    }
+
+    /// The IPv4 addresses on interface `ifindex`.
+    pub async fn ipv4_addresses_on(&self, ifindex: u32) -> Result<Vec<Ipv4Addr>, NetlinkError> {
+        Ok(self
+            .ipv4_addresses()
+            .await?
+            .into_iter()
+            .filter(|(index, _)| *index == ifindex)
+            .map(|(_, addr)| addr)
+            .collect())
+    }
+
+    /// Adds `vip`/32 to interface `ifindex`; `Ok(false)` when it was
+    /// already there.
+    pub async fn add_vip(&self, ifindex: u32, vip: Ipv4Addr) -> Result<bool, NetlinkError> {
+        match self.add_address(ifindex, vip).await {
+            Ok(()) => Ok(true),
+            Err(NetlinkError::AddAddress { source, .. })
+                if errno(&source) == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Removes `vip`/32 from interface `ifindex`; `Ok(false)` when it was
+    /// not there.
+    pub async fn remove_vip(&self, ifindex: u32, vip: Ipv4Addr) -> Result<bool, NetlinkError> {
+        match self.del_address(ifindex, vip).await {
+            Ok(()) => Ok(true),
+            Err(NetlinkError::DelAddress { source, .. })
+                if errno(&source) == Some(libc::EADDRNOTAVAIL) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn link(&self, ifindex: u32) -> Result<LinkMessage, NetlinkError> {
+        let mut stream = self.handle.link().get().match_index(ifindex).execute();
+        match stream.try_next().await {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err(NetlinkError::GetLink {
+                ifindex,
+                source: rtnetlink::Error::RequestFailed,
+            }),
+            Err(source) => Err(NetlinkError::GetLink { ifindex, source }),
+        }
+    }
+
+    /// Whether interface `ifindex` is up and running (administratively up
+    /// with carrier): what VRRP needs to send and receive.
+    pub async fn link_up(&self, ifindex: u32) -> Result<bool, NetlinkError> {
+        Ok(link_is_up(&self.link(ifindex).await?))
+    }
+
+    /// The Ethernet address of interface `ifindex`.
+    pub async fn hardware_address(&self, ifindex: u32) -> Result<[u8; 6], NetlinkError> {
+        let msg = self.link(ifindex).await?;
+        msg.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+                _ => None,
+            })
+            .ok_or(NetlinkError::NoHardwareAddress { ifindex })
     }
 
     async fn add_address(&self, ifindex: u32, addr: Ipv4Addr) -> Result<(), NetlinkError> {
@@ -146,6 +231,88 @@ impl Netlink {
             }
         }
         Ok(false)
+    }
+}
+
+/// The errno of a netlink error reply.
+fn errno(error: &rtnetlink::Error) -> Option<i32> {
+    match error {
+        rtnetlink::Error::NetlinkError(message) => Some(message.raw_code().abs()),
+        _ => None,
+    }
+}
+
+/// Up and running: `IFF_UP` and `IFF_RUNNING` (operationally up, which on
+/// Ethernet means carrier), as keepalived decides.
+fn link_is_up(msg: &LinkMessage) -> bool {
+    msg.header.flags.contains(LinkFlags::Up) && msg.header.flags.contains(LinkFlags::Running)
+}
+
+/// A change of an interface seen on the route-netlink multicast groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterfaceEvent {
+    /// The interface's state was (re)announced.
+    Link { ifindex: u32, up: bool },
+    /// The interface was deleted.
+    LinkRemoved { ifindex: u32 },
+    /// An IPv4 address was removed from the interface.
+    AddressRemoved { ifindex: u32, addr: Ipv4Addr },
+}
+
+/// Link and IPv4 address notifications (what `ip monitor link address`
+/// shows), from a netlink socket of their own. Needs a running tokio
+/// runtime, like [`Netlink::connect`].
+pub struct InterfaceEvents {
+    messages: BoxStream<'static, (NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+}
+
+impl std::fmt::Debug for InterfaceEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InterfaceEvents")
+    }
+}
+
+impl InterfaceEvents {
+    pub fn subscribe() -> Result<InterfaceEvents, NetlinkError> {
+        let (connection, _handle, messages) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Ipv4Ifaddr,
+        ])
+        .map_err(NetlinkError::Subscribe)?;
+        tokio::spawn(connection);
+        Ok(InterfaceEvents {
+            messages: messages.boxed(),
+        })
+    }
+
+    /// The next event, or `None` when the subscription ended (the socket
+    /// failed, e.g. after the kernel dropped notifications on overflow:
+    /// poll the state instead).
+    pub async fn next(&mut self) -> Option<InterfaceEvent> {
+        loop {
+            let (msg, _) = self.messages.next().await?;
+            let NetlinkPayload::InnerMessage(msg) = msg.payload else {
+                continue;
+            };
+            let event = match msg {
+                RouteNetlinkMessage::NewLink(link) => InterfaceEvent::Link {
+                    ifindex: link.header.index,
+                    up: link_is_up(&link),
+                },
+                RouteNetlinkMessage::DelLink(link) => InterfaceEvent::LinkRemoved {
+                    ifindex: link.header.index,
+                },
+                RouteNetlinkMessage::DelAddress(address) => match ipv4_of(&address) {
+                    Some(addr) => InterfaceEvent::AddressRemoved {
+                        ifindex: address.header.index,
+                        addr,
+                    },
+                    None => continue,
+                },
+                _ => continue,
+            };
+            return Some(event);
+        }
     }
 }
 

@@ -17,17 +17,20 @@
 //! - [`HealthConfig`] holds interval, timeout, rise, fall, initial state
 //!   and the password file, with a pure `validate()`.
 //! - [`fake`] is a RESP-speaking fake KeyDB for tests.
+//! - [`monitor`] runs it all: one check loop per backend, the sets written
+//!   to the data plane, backends that left a set handed to the flow reset,
+//!   the node's readiness published for the election.
 //!
 //! Checks run in the agent's tokio runtime; everything after the probe is
-//! pure. Not here: the per-backend scheduling loop, writing backend sets
-//! to the data plane, the election priority penalty, logging of state
-//! changes (the caller knows the backend's name).
+//! pure. Not here: the election priority penalty (the election reads the
+//! monitor's readiness signal).
 
 mod check;
 mod config;
 mod damping;
 pub mod fake;
 mod info;
+pub mod monitor;
 mod policy;
 mod resp;
 
