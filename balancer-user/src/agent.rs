@@ -17,7 +17,7 @@
 
 use std::{
     collections::HashSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     sync::{Arc, Mutex},
 };
 
@@ -236,7 +236,12 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
         source,
     })?;
     let own_addrs = node_addrs.iter().copied().chain([config.node.address]);
-    let reset = FlowReset::new(reset_table, own_addrs, max_entries)?;
+    let service_addrs = config
+        .services
+        .iter()
+        .map(|s| SocketAddrV4::new(s.vip, s.port))
+        .collect();
+    let reset = FlowReset::new(reset_table, own_addrs, max_entries)?.with_services(service_addrs);
     let (resets, requests) = flow_reset::channel();
     tasks.push(Task(tokio::spawn(flow_reset::run(reset, requests))));
     let checker = Checker::from_config(&config.health)?;

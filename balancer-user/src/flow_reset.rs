@@ -32,10 +32,17 @@
 //! a raw IPv4 socket (`IPPROTO_RAW`, which implies `IP_HDRINCL`) built here
 //! with their checksums, never through XDP.
 //!
-//! Not here: flows to a local backend have no conntrack entry (XDP passes
-//! them to the local KeyDB), so they are neither purged nor poked; a local
-//! KeyDB that stops closes its own connections. Clients on this node's own
-//! addresses are not poked (their packets do not cross XDP).
+//! 3. **Destroys local sockets.** Flows to this node's own KeyDB have no
+//!    conntrack entry: XDP passes them to the local stack, where KeyDB
+//!    accepted them on `VIP:port`. A KeyDB that stopped closes them itself,
+//!    but one that hangs (or is loading, or lost its replication link) would
+//!    keep its clients waiting, so the sockets whose local address is the
+//!    service's `VIP:port` are destroyed with `SOCK_DESTROY` (`ss -K`, which
+//!    sends the client an RST). Connections to the node's own address are
+//!    left alone: they did not come through the VIP.
+//!
+//! Clients on this node's own addresses are not poked (their packets do not
+//! cross XDP).
 
 use std::{
     collections::HashSet,
@@ -199,6 +206,48 @@ impl RawSocket {
     }
 }
 
+/// How long `ss -K` may take before it is killed.
+const SS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Destroys (RST to the peer) every connected TCP socket of this network
+/// namespace whose local address is `local`, with `SOCK_DESTROY` through
+/// `ss -K` (iproute2; needs `CONFIG_INET_DIAG_DESTROY`). Returns how many.
+pub fn destroy_sockets_on(local: SocketAddrV4) -> io::Result<usize> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("ss")
+        .args(["-K", "-t", "-n", "-H", "state", "connected", "src"])
+        .arg(local.ip().to_string())
+        .args(["sport", "=", &format!(":{}", local.port())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + SS_TIMEOUT;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "ss -K timed out"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "ss -K failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count())
+}
+
 fn random_u32() -> u32 {
     let mut bytes = [0u8; 4];
     // SAFETY: `bytes` is valid for 4 bytes of writes.
@@ -229,6 +278,8 @@ pub struct ResetReport {
     pub not_poked: usize,
     /// Pokes the socket refused to send.
     pub send_errors: usize,
+    /// Local sockets on a VIP destroyed (flows to this node's own KeyDB).
+    pub destroyed: usize,
 }
 
 /// Purges and pokes the flows of backends taken out of service.
@@ -238,6 +289,7 @@ pub struct FlowReset {
     socket: RawSocket,
     own_addrs: HashSet<Ipv4Addr>,
     max_entries: usize,
+    services: Vec<SocketAddrV4>,
 }
 
 impl FlowReset {
@@ -255,6 +307,7 @@ impl FlowReset {
             socket: RawSocket::open().map_err(FlowResetError::RawSocket)?,
             own_addrs: own_addrs.into_iter().collect(),
             max_entries,
+            services: Vec::new(),
         })
     }
 
@@ -262,14 +315,37 @@ impl FlowReset {
         addr.is_loopback() || addr.is_unspecified() || self.own_addrs.contains(addr)
     }
 
+    /// The `VIP:port` of each service, indexed by service id: needed to
+    /// reset flows to a local backend. Without it they are left alone.
+    pub fn with_services(mut self, services: Vec<SocketAddrV4>) -> FlowReset {
+        self.services = services;
+        self
+    }
+
     /// Purges every flow of `targets` and pokes their endpoints. Blocking:
     /// one syscall per conntrack entry, run it off the async threads.
     pub fn reset(&mut self, targets: &HashSet<ServiceBackend>) -> ResetReport {
+        let mut destroyed = 0;
+        for target in targets {
+            if !self.is_own(target.backend.ip()) {
+                continue;
+            }
+            let Some(service) = self.services.get(target.service_id as usize) else {
+                continue;
+            };
+            match destroy_sockets_on(*service) {
+                Ok(n) => destroyed += n,
+                Err(error) => {
+                    warn!(%service, %error, "could not reset the local backend's connections")
+                }
+            }
+        }
         let purge = conntrack::purge_backends(&mut self.conntrack, targets, self.max_entries);
         let mut report = ResetReport {
             entries: purge.entries,
             flows: purge.flows.len(),
             deleted: purge.deleted,
+            destroyed,
             ..ResetReport::default()
         };
         for (i, flow) in purge.flows.iter().enumerate() {
@@ -359,6 +435,7 @@ async fn serve(reset: FlowReset, mut requests: FlowResetRequests) {
                     poked = report.poked,
                     not_poked = report.not_poked,
                     send_errors = report.send_errors,
+                    destroyed = report.destroyed,
                     entries = report.entries,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "reset the flows of backends out of service"

@@ -8,15 +8,23 @@
 //! ```
 //!
 //! The lab also runs what the tests need on the nodes: a KeyDB (or
-//! redis-server) on port 6380 and the `balancer` agent with a generated
-//! config. Everything it creates (processes, namespaces, the bpffs mount for
-//! the agents' pins, the XDP_PASS programs on the bridge ports, its temp
-//! directory) is removed when the [`Lab`] drops, also when a test panics.
+//! redis-server) on port 6380, the `balancer` agent with a generated config
+//! (static `[dataplane] active`, or `[vrrp]` + `[health]` for a cluster,
+//! with a notify recorder whose log [`Lab::transitions`] reads), a real
+//! keepalived ([`keepalived`]), or a fake KeyDB stuck loading ([`fake`]).
+//! It pulls a node's cable ([`Lab::cut_link`]), tells who holds the VIP
+//! ([`Lab::vip_holders`]), reads a node's SERVICES entry
+//! ([`Lab::service_view`]), and runs a client writing through the VIP every
+//! 2 ms ([`writer`]). Everything it creates (processes, namespaces, the
+//! bpffs mount for the agents' pins, the XDP_PASS programs on the bridge
+//! ports, its temp directory) is removed when the [`Lab`] drops, also when
+//! a test panics.
 //!
 //! Addresses come only from 198.18.0.0/15 and no packet leaves the lab's
 //! namespaces. It is a test fixture, not a deployment tool.
 
 use std::{
+    collections::HashMap,
     fmt::Write as _,
     fs,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -36,6 +44,14 @@ use crate::{
     netns::{run, unique_prefix, ChildGuard, Netns},
     resp,
 };
+
+pub mod fake;
+pub mod keepalived;
+pub mod writer;
+
+pub use fake::LoadingKeydb;
+pub use keepalived::KeepalivedConfig;
+pub use writer::{WriterConfig, WriterLoop, WriterReport};
 
 /// The service's virtual IP.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
@@ -58,6 +74,8 @@ const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Poll interval while waiting for a condition.
 const POLL: Duration = Duration::from_millis(25);
+/// Poll interval of the VIP holder checks (each runs `ip` once per node).
+const HOLDER_POLL: Duration = Duration::from_millis(10);
 
 /// Address of node `index` (1-based).
 pub fn node_addr(index: usize) -> Ipv4Addr {
@@ -111,26 +129,46 @@ fn on_path(program: &str) -> bool {
 /// What one agent is told in its config file.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// `[dataplane] active`: this node holds the VIP.
-    pub active: bool,
+    /// `[dataplane] active`: this node holds the VIP (issue-2 static mode).
+    /// `None` leaves the key out, as a config with `[vrrp]` must.
+    pub active: Option<bool>,
     /// `[dataplane] xdp_mode`: "native", "generic" or "auto".
     pub xdp_mode: String,
     /// `[dataplane] conntrack_flows`.
     pub conntrack_flows: u32,
     /// The service's backends.
     pub backends: Vec<SocketAddrV4>,
+    /// `[vrrp]`: the election decides who holds the VIP.
+    pub vrrp: Option<VrrpSection>,
+    /// `[health]`: the health monitor decides which backends serve.
+    pub health: Option<HealthSection>,
 }
 
 impl AgentConfig {
-    /// Native XDP, a small conntrack table, every node of `lab` a backend.
+    /// Static mode: native XDP, a small conntrack table, every node of
+    /// `lab` a backend, `active` as given, no election, no health checks.
     pub fn for_lab(lab: &Lab, active: bool) -> Self {
         AgentConfig {
-            active,
+            active: Some(active),
             xdp_mode: "native".into(),
             conntrack_flows: 16_384,
             backends: (1..=lab.node_count())
                 .map(|i| SocketAddrV4::new(node_addr(i), KEYDB_PORT))
                 .collect(),
+            vrrp: None,
+            health: None,
+        }
+    }
+
+    /// Cluster mode: as [`AgentConfig::for_lab`] but without `active`, with
+    /// a `[vrrp]` section (VRID [`CLUSTER_VRID`], `priority`, every other
+    /// key at its default) and a `[health]` section of defaults.
+    pub fn for_cluster(lab: &Lab, priority: u8) -> Self {
+        AgentConfig {
+            active: None,
+            vrrp: Some(VrrpSection::new(CLUSTER_VRID, priority)),
+            health: Some(HealthSection::default()),
+            ..AgentConfig::for_lab(lab, false)
         }
     }
 
@@ -142,9 +180,17 @@ impl AgentConfig {
         let _ = writeln!(s, "address = \"{}\"", node_addr(index));
         let _ = writeln!(s, "\n[dataplane]");
         let _ = writeln!(s, "xdp_mode = \"{}\"", self.xdp_mode);
-        let _ = writeln!(s, "active = {}", self.active);
+        if let Some(active) = self.active {
+            let _ = writeln!(s, "active = {active}");
+        }
         let _ = writeln!(s, "conntrack_flows = {}", self.conntrack_flows);
         let _ = writeln!(s, "pin_dir = \"{}\"", pin_dir.display());
+        if let Some(vrrp) = &self.vrrp {
+            vrrp.write_toml(&mut s);
+        }
+        if let Some(health) = &self.health {
+            health.write_toml(&mut s);
+        }
         let _ = writeln!(s, "\n[[service]]");
         let _ = writeln!(s, "vip = \"{VIP}\"");
         let _ = writeln!(s, "port = {KEYDB_PORT}");
@@ -154,12 +200,141 @@ impl AgentConfig {
     }
 }
 
+/// The VRRP router id the cluster tests use (the seed's `virtual_router_id`).
+pub const CLUSTER_VRID: u8 = 101;
+
+/// The agent's `[vrrp]` table. `None` fields are left out of the file, so
+/// the agent's defaults apply.
+#[derive(Clone, Debug, Default)]
+pub struct VrrpSection {
+    pub vrid: u8,
+    pub priority: Option<u8>,
+    /// 2 or 3.
+    pub version: Option<u8>,
+    pub advert_interval_ms: Option<u32>,
+    pub preempt: Option<bool>,
+    pub preempt_delay_ms: Option<u32>,
+    /// VRRPv2 `auth_type PASS` password.
+    pub auth_pass: Option<String>,
+    /// "pseudo-header" or "rfc9568".
+    pub v3_checksum: Option<String>,
+    pub unicast_peers: Vec<Ipv4Addr>,
+    pub garp_count: Option<u32>,
+    pub garp_repeat_delay_ms: Option<u32>,
+    /// The notify command. `None`: the lab's recorder, which appends each
+    /// state change to a file [`Lab::transitions`] reads.
+    pub notify: Option<PathBuf>,
+    pub no_ready_backend_weight: Option<u8>,
+}
+
+impl VrrpSection {
+    /// `vrid` and `priority`, everything else at the agent's defaults.
+    pub fn new(vrid: u8, priority: u8) -> Self {
+        VrrpSection {
+            vrid,
+            priority: Some(priority),
+            ..VrrpSection::default()
+        }
+    }
+
+    fn write_toml(&self, s: &mut String) {
+        let _ = writeln!(s, "\n[vrrp]");
+        let _ = writeln!(s, "vrid = {}", self.vrid);
+        let mut opt = |key: &str, value: Option<String>| {
+            if let Some(v) = value {
+                let _ = writeln!(s, "{key} = {v}");
+            }
+        };
+        opt("priority", self.priority.map(|v| v.to_string()));
+        opt("version", self.version.map(|v| v.to_string()));
+        opt(
+            "advert_interval_ms",
+            self.advert_interval_ms.map(|v| v.to_string()),
+        );
+        opt("preempt", self.preempt.map(|v| v.to_string()));
+        opt(
+            "preempt_delay_ms",
+            self.preempt_delay_ms.map(|v| v.to_string()),
+        );
+        opt(
+            "auth_pass",
+            self.auth_pass.as_ref().map(|v| format!("{v:?}")),
+        );
+        opt(
+            "v3_checksum",
+            self.v3_checksum.as_ref().map(|v| format!("{v:?}")),
+        );
+        opt("garp_count", self.garp_count.map(|v| v.to_string()));
+        opt(
+            "garp_repeat_delay_ms",
+            self.garp_repeat_delay_ms.map(|v| v.to_string()),
+        );
+        opt(
+            "notify",
+            self.notify
+                .as_ref()
+                .map(|v| format!("{:?}", v.display().to_string())),
+        );
+        opt(
+            "no_ready_backend_weight",
+            self.no_ready_backend_weight.map(|v| v.to_string()),
+        );
+        if !self.unicast_peers.is_empty() {
+            let peers: Vec<String> = self
+                .unicast_peers
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect();
+            let _ = writeln!(s, "unicast_peers = [{}]", peers.join(", "));
+        }
+    }
+}
+
+/// The agent's `[health]` table. `None` fields are left out (defaults:
+/// interval 100 ms, timeout 100 ms, rise 2, fall 3, initial "first-check").
+#[derive(Clone, Debug, Default)]
+pub struct HealthSection {
+    pub interval_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    /// "up", "down" or "first-check".
+    pub initial: Option<String>,
+}
+
+impl HealthSection {
+    fn write_toml(&self, s: &mut String) {
+        let _ = writeln!(s, "\n[health]");
+        let mut opt = |key: &str, value: Option<String>| {
+            if let Some(v) = value {
+                let _ = writeln!(s, "{key} = {v}");
+            }
+        };
+        opt("interval_ms", self.interval_ms.map(|v| v.to_string()));
+        opt("timeout_ms", self.timeout_ms.map(|v| v.to_string()));
+        opt("rise", self.rise.map(|v| v.to_string()));
+        opt("fall", self.fall.map(|v| v.to_string()));
+        opt("initial", self.initial.as_ref().map(|v| format!("{v:?}")));
+    }
+
+    /// How long after a backend stops answering it is out of service at
+    /// the latest: `fall × interval + timeout` (the health design's bound).
+    pub fn detection_bound(&self) -> Duration {
+        let interval = self.interval_ms.unwrap_or(100);
+        let timeout = self.timeout_ms.unwrap_or(100);
+        let fall = u64::from(self.fall.unwrap_or(3));
+        Duration::from_millis(fall * interval + timeout)
+    }
+}
+
 /// One balancer node: its namespace and what runs in it.
 #[derive(Debug)]
 pub struct Node {
     // Processes first: fields drop in order, and the namespace goes last.
     agent: Option<ChildGuard>,
+    keepalived: Option<ChildGuard>,
     server: Option<ChildGuard>,
+    fake: Option<LoadingKeydb>,
     index: usize,
     pin_dir: PathBuf,
     ns: Netns,
@@ -191,6 +366,17 @@ impl Node {
     fn name(&self) -> String {
         format!("n{}", self.index)
     }
+}
+
+/// One state change an agent reported through its notify command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// When the recorder ran (wall clock).
+    pub at: std::time::SystemTime,
+    /// "master", "backup", "fault" or "stopped".
+    pub state: String,
+    /// The VRID argument.
+    pub vrid: Option<u8>,
 }
 
 /// A bpffs mounted outside /sys (which `ip netns exec` remounts), removed
@@ -291,6 +477,8 @@ impl Lab {
                 ns,
                 server: None,
                 agent: None,
+                keepalived: None,
+                fake: None,
             };
             join_lan(
                 &switch,
@@ -467,6 +655,12 @@ impl Lab {
     /// namespace and waits until the XDP link is pinned (the data plane is
     /// ready). Fails with the agent's log if it exits or times out.
     pub fn start_agent(&mut self, index: usize, config: &AgentConfig) -> Result<()> {
+        let mut config = config.clone();
+        if let Some(vrrp) = config.vrrp.as_mut() {
+            if vrrp.notify.is_none() {
+                vrrp.notify = Some(self.write_notify_recorder(index)?);
+            }
+        }
         let node = self.node(index);
         let config_path = self.agent_config_path(index);
         fs::write(&config_path, config.to_toml(index, &node.pin_dir))
@@ -518,6 +712,351 @@ impl Lab {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// Writes node `index`'s notify recorder: a shell script appending
+    /// `<unix time> <state> <vrid>` to the file [`Lab::transitions`] reads.
+    fn write_notify_recorder(&self, index: usize) -> Result<PathBuf> {
+        let script = self.dir().join(format!("n{index}-notify.sh"));
+        let log = self.transitions_path(index);
+        fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$(date +%s.%N) $*\" >> '{}'\n",
+                log.display()
+            ),
+        )
+        .with_context(|| format!("write {}", script.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755))?;
+        Ok(script)
+    }
+
+    fn transitions_path(&self, index: usize) -> PathBuf {
+        self.dir().join(format!("n{index}-transitions.log"))
+    }
+
+    /// The state changes node `index`'s agent reported through the lab's
+    /// notify recorder so far, oldest first (the notify command is not
+    /// awaited by the election, so order within a few milliseconds may
+    /// be off).
+    pub fn transitions(&self, index: usize) -> Vec<Transition> {
+        let text = fs::read_to_string(self.transitions_path(index)).unwrap_or_default();
+        let mut all: Vec<Transition> = text
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                let at: f64 = words.next()?.parse().ok()?;
+                let state = words.next()?.to_string();
+                let vrid = words.next().and_then(|v| v.parse().ok());
+                Some(Transition {
+                    at: std::time::UNIX_EPOCH + Duration::from_secs_f64(at),
+                    state,
+                    vrid,
+                })
+            })
+            .collect();
+        all.sort_by_key(|t| t.at);
+        all
+    }
+
+    /// How many times node `index`'s agent became master (per its notify
+    /// recorder).
+    pub fn master_transitions(&self, index: usize) -> usize {
+        self.transitions(index)
+            .iter()
+            .filter(|t| t.state == "master")
+            .count()
+    }
+
+    /// Sends SIGKILL to node `index`'s agent (a crash: nothing is cleaned
+    /// up by the agent; the lab's teardown removes what it left).
+    pub fn kill_agent(&mut self, index: usize) -> Result<()> {
+        let mut agent = self
+            .node_mut(index)
+            .agent
+            .take()
+            .with_context(|| format!("no agent runs on node {index}"))?;
+        agent.stop(libc::SIGKILL)?;
+        Ok(())
+    }
+
+    /// The pid of node `index`'s agent.
+    pub fn agent_pid(&self, index: usize) -> Option<u32> {
+        self.node(index).agent.as_ref().map(|a| a.id())
+    }
+
+    /// Sends `signal` to node `index`'s KeyDB server without waiting
+    /// (SIGSTOP freezes it: connections are accepted by the kernel but
+    /// never answered; SIGCONT thaws it).
+    pub fn signal_server(&mut self, index: usize, signal: i32) -> Result<()> {
+        let server = self
+            .node(index)
+            .server
+            .as_ref()
+            .with_context(|| format!("no server runs on node {index}"))?;
+        // SAFETY: a plain kill(2) of our own child.
+        if unsafe { libc::kill(server.id() as i32, signal) } != 0 {
+            bail!(
+                "kill({}, {signal}): {}",
+                server.id(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts a fake KeyDB that is still loading its dataset (`+PONG` to
+    /// PING, `-LOADING` to everything else) on 0.0.0.0:6380 in node
+    /// `index`'s namespace, instead of a real server.
+    pub fn start_loading_fake(&mut self, index: usize) -> Result<&LoadingKeydb> {
+        let fake = LoadingKeydb::start(self.node(index).ns())?;
+        Ok(self.node_mut(index).fake.insert(fake))
+    }
+
+    /// The loading fake running on node `index`, if any.
+    pub fn loading_fake(&self, index: usize) -> Option<&LoadingKeydb> {
+        self.node(index).fake.as_ref()
+    }
+
+    /// Cuts node `index` off the LAN: its bridge port goes down (as if
+    /// its cable were pulled; its own eth0 loses carrier).
+    pub fn cut_link(&self, index: usize) -> Result<()> {
+        self.switch
+            .ip(&["link", "set", &format!("p-n{index}"), "down"])?;
+        Ok(())
+    }
+
+    /// Brings node `index`'s bridge port back up.
+    pub fn restore_link(&self, index: usize) -> Result<()> {
+        self.switch
+            .ip(&["link", "set", &format!("p-n{index}"), "up"])?;
+        Ok(())
+    }
+
+    /// Whether node `index` has the VIP on its eth0.
+    pub fn holds_vip(&self, index: usize) -> Result<bool> {
+        let out = self
+            .node(index)
+            .ns
+            .ip(&["-4", "-o", "addr", "show", "dev", NODE_IFACE])?;
+        let needle = format!("inet {VIP}/");
+        Ok(out.contains(&needle))
+    }
+
+    /// The nodes that have the VIP on their eth0, in index order.
+    pub fn vip_holders(&self) -> Result<Vec<usize>> {
+        let mut holders = Vec::new();
+        for index in 1..=self.node_count() {
+            if self.holds_vip(index)? {
+                holders.push(index);
+            }
+        }
+        Ok(holders)
+    }
+
+    /// The node holding the VIP when exactly one does; `None` when none or
+    /// several do.
+    pub fn vip_holder(&self) -> Result<Option<usize>> {
+        let holders = self.vip_holders()?;
+        Ok((holders.len() == 1).then(|| holders[0]))
+    }
+
+    /// Polls until `check(holders)` is true; returns the holders then and
+    /// when that was first seen. Fails with the agents' logs after
+    /// `timeout`.
+    pub fn wait_for_holders(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&[usize]) -> bool,
+    ) -> Result<(Vec<usize>, Instant)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let holders = self.vip_holders()?;
+            let seen = Instant::now();
+            if check(&holders) {
+                return Ok((holders, seen));
+            }
+            if seen >= deadline {
+                bail!(
+                    "{what}: not within {timeout:?} (VIP holders now: {holders:?})\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(HOLDER_POLL);
+        }
+    }
+
+    /// Waits until exactly one node holds the VIP, then checks it stays
+    /// that one node, alone, for `stable_for`. Returns the holder.
+    pub fn wait_for_stable_holder(&self, timeout: Duration, stable_for: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        'outer: loop {
+            let (holders, since) = self.wait_for_holders(
+                "exactly one node holds the VIP",
+                deadline.saturating_duration_since(Instant::now()),
+                |h| h.len() == 1,
+            )?;
+            let holder = holders[0];
+            while since.elapsed() < stable_for {
+                std::thread::sleep(HOLDER_POLL);
+                let now = self.vip_holders()?;
+                if now != [holder] {
+                    if Instant::now() >= deadline {
+                        bail!(
+                            "the VIP did not settle on one node within {timeout:?}: held by {holders:?}, then {now:?}\n{}",
+                            self.diagnostics()
+                        );
+                    }
+                    continue 'outer;
+                }
+            }
+            return Ok(holder);
+        }
+    }
+
+    /// Waits until `node` alone holds the VIP, then checks it stays so
+    /// for `stable_for`. Returns when it was first seen alone.
+    pub fn wait_for_sole_holder(
+        &self,
+        node: usize,
+        timeout: Duration,
+        stable_for: Duration,
+    ) -> Result<Instant> {
+        let (_, since) =
+            self.wait_for_holders(&format!("node {node} alone holds the VIP"), timeout, |h| {
+                h == [node]
+            })?;
+        self.expect_holders_for(&[node], stable_for)?;
+        Ok(since)
+    }
+
+    /// Checks that the VIP holders stay exactly `expected` for `period`
+    /// (polled); fails at the first change.
+    pub fn expect_holders_for(&self, expected: &[usize], period: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let now = self.vip_holders()?;
+            if now != expected {
+                bail!(
+                    "VIP holders changed from {expected:?} to {now:?} after {:?}\n{}",
+                    start.elapsed(),
+                    self.diagnostics()
+                );
+            }
+            if start.elapsed() >= period {
+                return Ok(());
+            }
+            std::thread::sleep(HOLDER_POLL);
+        }
+    }
+
+    /// The last lines of every agent's and keepalived's log and every
+    /// node's recorded transitions: what a failing cluster test prints.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for index in 1..=self.node_count() {
+            let agent = self.agent_log_tail(index, 40);
+            if !agent.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "--- agent log, node {index} (last 40 lines) ---\n{agent}"
+                );
+            }
+            let keepalived = tail(&self.keepalived_log(index), 40);
+            if !keepalived.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "--- keepalived log, node {index} (last 40 lines) ---\n{keepalived}"
+                );
+            }
+            let transitions = self.transitions(index);
+            if !transitions.is_empty() {
+                let _ = writeln!(out, "--- state changes, node {index}: {transitions:?}");
+            }
+        }
+        out
+    }
+
+    /// Writes node `index`'s keepalived.conf from `config` and starts
+    /// keepalived (VRRP only, in the foreground, logging to a file in the
+    /// lab's directory). Waits until its VRRP child has written its pid
+    /// file; fails with its log if it exits first.
+    pub fn start_keepalived(&mut self, index: usize, config: &KeepalivedConfig) -> Result<()> {
+        let conf = self.dir().join(format!("n{index}-keepalived.conf"));
+        let pid = self.dir().join(format!("n{index}-keepalived.pid"));
+        let vrrp_pid = self.dir().join(format!("n{index}-keepalived-vrrp.pid"));
+        fs::write(&conf, config.to_conf(index))
+            .with_context(|| format!("write {}", conf.display()))?;
+        let log = fs::File::create(self.keepalived_log_path(index))?;
+        let mut cmd = self.node(index).ns.command("keepalived");
+        cmd.args([
+            "--dont-fork",
+            "--log-console",
+            "--log-detail",
+            "--no-syslog",
+        ])
+        .args(["--vrrp", "--dont-respawn"])
+        .arg("--use-file")
+        .arg(&conf)
+        .arg("--pid")
+        .arg(&pid)
+        .arg("--vrrp_pid")
+        .arg(&vrrp_pid)
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start keepalived on node {index}"))?;
+        self.node_mut(index).keepalived = Some(ChildGuard::new(child));
+        let deadline = Instant::now() + SERVER_START_TIMEOUT;
+        loop {
+            if fs::read_to_string(&vrrp_pid)
+                .map(|p| !p.trim().is_empty())
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            let k = self
+                .node_mut(index)
+                .keepalived
+                .as_mut()
+                .expect("just started");
+            if let Some(status) = k.try_wait()? {
+                self.node_mut(index).keepalived = None;
+                bail!(
+                    "keepalived on node {index} exited ({status}):\n{}",
+                    self.keepalived_log(index)
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "keepalived on node {index} did not start its VRRP process within {SERVER_START_TIMEOUT:?}:\n{}",
+                    self.keepalived_log(index)
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Stops node `index`'s keepalived with SIGTERM (it releases the VIP).
+    pub fn stop_keepalived(&mut self, index: usize) -> Result<ExitStatus> {
+        let mut k = self
+            .node_mut(index)
+            .keepalived
+            .take()
+            .with_context(|| format!("no keepalived runs on node {index}"))?;
+        k.stop_within(libc::SIGTERM, AGENT_STOP_TIMEOUT)
+    }
+
+    fn keepalived_log_path(&self, index: usize) -> PathBuf {
+        self.dir().join(format!("n{index}-keepalived.log"))
+    }
+
+    /// keepalived's log on node `index`.
+    pub fn keepalived_log(&self, index: usize) -> String {
+        fs::read_to_string(self.keepalived_log_path(index)).unwrap_or_default()
     }
 
     /// Sends SIGTERM to node `index`'s agent and returns its exit status
@@ -575,7 +1114,13 @@ impl Drop for Lab {
                 // A clean stop detaches and unpins; SIGKILL if it hangs.
                 let _ = agent.stop_within(libc::SIGTERM, AGENT_STOP_TIMEOUT);
             }
+            if let Some(mut keepalived) = node.keepalived.take() {
+                // SIGTERM lets its VRRP child go too (the namespace's
+                // teardown kills any straggler).
+                let _ = keepalived.stop_within(libc::SIGTERM, AGENT_STOP_TIMEOUT);
+            }
             node.server = None;
+            node.fake = None;
         }
         self.port_xdp = None;
         // Namespaces, then the bpffs (anything still pinned goes with it),
@@ -687,4 +1232,170 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<String> 
         );
     }
     Ok(String::from_utf8_lossy(&stdout).into_owned())
+}
+
+/// Starts `f` on a new thread that has entered `ns` (setns moves only that
+/// thread) and returns at once; the thread's result comes with `join`.
+pub fn spawn_in_netns<F, R>(
+    ns: &Netns,
+    name: &str,
+    f: F,
+) -> Result<std::thread::JoinHandle<Result<R>>>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    use std::os::fd::AsFd;
+    let path = format!("/run/netns/{}", ns.name());
+    let file = fs::File::open(&path).with_context(|| format!("open {path}"))?;
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || -> Result<R> {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("setns")?;
+            Ok(f())
+        })
+        .context("spawn a thread")
+}
+
+/// Serialises the timing-sensitive cluster tests of one test binary: cargo
+/// runs a binary's tests on parallel threads, and two labs failing over at
+/// once on a 2-core machine would measure each other. Hold the guard for
+/// the whole test.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Lab {
+    /// The run_id of every node's real KeyDB server (nodes without one are
+    /// left out), asked directly from the client: run_id -> node index.
+    pub fn server_run_ids(&self) -> Result<HashMap<String, usize>> {
+        let nodes: Vec<usize> = (1..=self.node_count())
+            .filter(|&i| self.node(i).server.is_some())
+            .collect();
+        self.in_client(move || -> Result<HashMap<String, usize>> {
+            let mut ids = HashMap::new();
+            for node in nodes {
+                let id = resp::Connection::connect(node_keydb(node), Duration::from_secs(3))?
+                    .run_id()
+                    .with_context(|| format!("INFO server of node {node}"))?;
+                if ids.insert(id.clone(), node).is_some() {
+                    bail!("two servers share run_id {id}");
+                }
+            }
+            Ok(ids)
+        })?
+    }
+
+    /// Opens `count` new connections to the VIP from the client, one after
+    /// the other, and asks each `INFO server`: the node whose server
+    /// answered (by `run_ids`), or what went wrong, with the time the
+    /// attempt started.
+    pub fn sample_vip(
+        &self,
+        run_ids: &HashMap<String, usize>,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<VipAttempt>> {
+        let ids = run_ids.clone();
+        self.in_client(move || {
+            (0..count)
+                .map(|_| VipAttempt::make(&ids, timeout))
+                .collect::<Vec<_>>()
+        })
+    }
+}
+
+/// One new connection through the VIP and who answered on it.
+#[derive(Clone, Debug)]
+pub struct VipAttempt {
+    /// When the attempt started.
+    pub at: Instant,
+    /// The serving node, or the error (`unknown run_id ...` when a server
+    /// not in the map answered).
+    pub outcome: std::result::Result<usize, String>,
+}
+
+impl VipAttempt {
+    /// Connects to the VIP from the current thread (which must be in the
+    /// client's namespace) and asks `INFO server`.
+    pub fn make(run_ids: &HashMap<String, usize>, timeout: Duration) -> VipAttempt {
+        let at = Instant::now();
+        let outcome = resp::Connection::connect(vip_keydb(), timeout)
+            .and_then(|mut c| c.run_id())
+            .map_err(|e| writer::describe(&e))
+            .and_then(|id| {
+                run_ids
+                    .get(&id)
+                    .copied()
+                    .ok_or_else(|| format!("unknown run_id {id}"))
+            });
+        VipAttempt { at, outcome }
+    }
+}
+
+/// The lab's service as node `index`'s data plane sees it right now: read
+/// from the SERVICES map its agent pinned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceView {
+    /// The SERVICE_ACTIVE flag: this node serves the VIP.
+    pub active: bool,
+    /// The READY backends, in round-robin order.
+    pub ready: Vec<SocketAddrV4>,
+}
+
+impl Lab {
+    /// Reads node `index`'s SERVICES entry for VIP:6380 from its pins.
+    pub fn service_view(&self, index: usize) -> Result<ServiceView> {
+        use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+        use balancer_common::{Service, ServiceKey, IPPROTO_TCP, SERVICE_ACTIVE};
+        let path = self.node(index).versioned_pin_dir().join(names::SERVICES);
+        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+        let services: BpfHashMap<MapData, ServiceKey, Service> =
+            BpfHashMap::try_from(Map::from_map_data(data)?)?;
+        let key = ServiceKey {
+            vip: u32::from_ne_bytes(VIP.octets()),
+            port: KEYDB_PORT.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        };
+        let service = services
+            .get(&key, 0)
+            .with_context(|| format!("service {VIP}:{KEYDB_PORT} in node {index}'s SERVICES"))?;
+        let count = (service.ready_count as usize).min(service.ready.len());
+        let ready = service.ready[..count]
+            .iter()
+            .filter_map(|&slot| service.backends.get(usize::from(slot)))
+            .map(|b| SocketAddrV4::new(Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port)))
+            .collect();
+        Ok(ServiceView {
+            active: service.flags & SERVICE_ACTIVE != 0,
+            ready,
+        })
+    }
+
+    /// Polls node `index`'s SERVICES entry until `check` holds; returns it.
+    pub fn wait_for_service(
+        &self,
+        index: usize,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&ServiceView) -> bool,
+    ) -> Result<ServiceView> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let view = self.service_view(index)?;
+            if check(&view) {
+                return Ok(view);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{what}: not within {timeout:?} (node {index}'s service now: {view:?})\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
 }

@@ -460,10 +460,12 @@ where
         self.published = true;
         self.write_sets(first);
         let ready = self.core.node_ready();
+        // The first value is always announced, even when it equals the
+        // channel's initial `false`: the agent waits for it.
         let changed = self.has_ready_backend.send_if_modified(|v| {
             let changed = *v != ready;
             *v = ready;
-            changed
+            changed || first
         });
         if changed || first {
             info!(has_ready_backend = ready, "node readiness");
