@@ -361,9 +361,20 @@ pub fn with_dataplane<F>(f: F) -> Result<()>
 where
     F: FnOnce(&mut Dataplane) -> Result<()> + Send + 'static,
 {
+    with_dataplane_sized(CONNTRACK_ENTRIES, f)
+}
+
+/// [`with_dataplane`] with a conntrack table of `conntrack_entries`
+/// entries, returning what `f` returns (the per-packet benchmark needs room
+/// for many flows and brings its figures back).
+pub fn with_dataplane_sized<F, R>(conntrack_entries: u32, f: F) -> Result<R>
+where
+    F: FnOnce(&mut Dataplane) -> Result<R> + Send + 'static,
+    R: Send + 'static,
+{
     let net = FixtureNet::create()?;
-    net.ns.run_in(move || -> Result<()> {
-        let mut dp = Dataplane::load()?;
+    net.ns.run_in(move || -> Result<R> {
+        let mut dp = Dataplane::load(conntrack_entries)?;
         f(&mut dp)
     })?
 }
@@ -383,7 +394,7 @@ fn sum_u64(values: &[u64]) -> u64 {
 }
 
 impl Dataplane {
-    fn load() -> Result<Self> {
+    fn load(conntrack_entries: u32) -> Result<Self> {
         let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0);
         let mut set = nix::sched::CpuSet::new();
         set.set(cpu).context("CPU set")?;
@@ -394,7 +405,7 @@ impl Dataplane {
         let fy0 = nix::net::if_::if_nametoindex("fy0").context("ifindex of fy0")?;
 
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::CONNTRACK, CONNTRACK_ENTRIES)
+            .map_max_entries(names::CONNTRACK, conntrack_entries)
             .load(balancer_user::BPF_OBJECT)
             .context("load the XDP object")?;
         let prog: &mut Xdp = ebpf
@@ -402,6 +413,11 @@ impl Dataplane {
             .context("program `balancer` missing")?
             .try_into()?;
         prog.load().context("load (verify) program `balancer`")?;
+        let pass: &mut Xdp = ebpf
+            .program_mut(names::PROG_PASS)
+            .context("program `xdp_pass` missing")?
+            .try_into()?;
+        pass.load().context("load (verify) program `xdp_pass`")?;
 
         let mut dp = Dataplane {
             services: take(&mut ebpf, names::SERVICES)?,
@@ -475,6 +491,74 @@ impl Dataplane {
             verdict: Verdict::from(r.return_value),
             frame: out,
         })
+    }
+
+    /// `repeat` back-to-back runs of `program` ([`names::PROG_BALANCER`] or
+    /// [`names::PROG_PASS`]) on `input` in one `BPF_PROG_TEST_RUN`. The
+    /// kernel runs every repetition on the same buffer, so a rewrite made by
+    /// one run is the input of the next; the outcome is the last run's.
+    pub fn timed_run(
+        &self,
+        program: &str,
+        input: &[u8],
+        ingress: Ingress,
+        repeat: u32,
+    ) -> Result<TimedRun> {
+        let md: [u32; 6] = [0, input.len() as u32, 0, self.ifindex(ingress), 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut out = vec![0u8; input.len() + 256];
+        let prog: &Xdp = self
+            .ebpf
+            .program(program)
+            .with_context(|| format!("no program {program}"))?
+            .try_into()?;
+        let started = std::time::Instant::now();
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        let wall = started.elapsed();
+        out.truncate(r.data_size_out as usize);
+        Ok(TimedRun {
+            outcome: Outcome {
+                verdict: Verdict::from(r.return_value),
+                frame: out,
+            },
+            kernel_ns_per_run: r.duration.as_nanos() as u64,
+            wall,
+        })
+    }
+
+    /// Inserts (or replaces) a conntrack entry.
+    pub fn insert_flow(&mut self, key: FlowKey, entry: FlowEntry) -> Result<()> {
+        self.conntrack
+            .insert(key, entry, 0)
+            .context("write CONNTRACK")
+    }
+
+    /// Removes every conntrack entry; returns how many there were.
+    pub fn clear_flows(&mut self) -> Result<usize> {
+        let keys = self
+            .conntrack
+            .keys()
+            .collect::<Result<Vec<_>, MapError>>()?;
+        for k in &keys {
+            self.conntrack.remove(k).context("delete from CONNTRACK")?;
+        }
+        Ok(keys.len())
+    }
+
+    /// What the kernel says about a loaded program of the object (sizes,
+    /// ids).
+    pub fn program_info(&self, program: &str) -> Result<aya::programs::ProgramInfo> {
+        let prog = self
+            .ebpf
+            .program(program)
+            .with_context(|| format!("no program {program}"))?;
+        Ok(prog.info()?)
     }
 
     pub fn run(&self, input: &Frame) -> Result<Outcome> {
@@ -654,6 +738,16 @@ impl Dataplane {
             output: out,
         })
     }
+}
+
+/// A repeated test run: the last run's outcome, the kernel's mean time per
+/// run (whole nanoseconds, as `BPF_PROG_TEST_RUN` reports it) and the wall
+/// time of the whole system call.
+#[derive(Clone, Debug)]
+pub struct TimedRun {
+    pub outcome: Outcome,
+    pub kernel_ns_per_run: u64,
+    pub wall: std::time::Duration,
 }
 
 /// A flow the program NATed: who talks to whom through which SNAT port.

@@ -40,6 +40,14 @@ enum Cmd {
     },
     /// Install what is missing, build, and run the namespace lab demo.
     Demo,
+    /// Install what is missing, build, and benchmark: per-packet cost,
+    /// redis-benchmark direct / through XDP / through HAProxy, CPU. Writes
+    /// bench/results/ (release build); --quick: target/bench-quick/ (debug).
+    Bench {
+        /// Tiny counts and one round: a smoke run of every code path.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -69,7 +77,16 @@ fn main() -> Result<()> {
             if !args.is_empty() {
                 test.arg("--").args(args);
             }
-            run_tests(test)
+            let tests = run_tests(test);
+            // A smoke run of the benchmark harness, so it cannot rot; its
+            // figures are not judged here.
+            let bin = root.join("target/debug");
+            let mut bench = Command::new(bin.join("bench"));
+            bench
+                .env("BALANCER_BIN", bin.join("balancer"))
+                .arg("--quick");
+            let smoke = run(bench).context("benchmark smoke run (`cargo xtask bench --quick`)");
+            tests.and(smoke)
         }
         Cmd::Demo => {
             setup(&root)?;
@@ -77,6 +94,21 @@ fn main() -> Result<()> {
             let mut demo = Command::new(root.join("target/debug/demo"));
             demo.env("BALANCER_BIN", root.join("target/debug/balancer"));
             run(demo)
+        }
+        Cmd::Bench { quick } => {
+            setup(&root)?;
+            // The quick smoke run reuses the debug build `test` makes; the
+            // measured run uses release binaries (the figures come from the
+            // kernel and external programs either way).
+            let profile = if quick { "debug" } else { "release" };
+            build(&root, !quick)?;
+            let bin = root.join("target").join(profile);
+            let mut bench = Command::new(bin.join("bench"));
+            bench.env("BALANCER_BIN", bin.join("balancer"));
+            if quick {
+                bench.arg("--quick");
+            }
+            run(bench)
         }
     }
 }
