@@ -77,7 +77,7 @@ fn main() -> Result<()> {
             if !args.is_empty() {
                 test.arg("--").args(args);
             }
-            let tests = run_tests(test);
+            let tests = run_tests(test)?;
             // A smoke run of the benchmark harness, so it cannot rot; its
             // figures are not judged here.
             let bin = root.join("target/debug");
@@ -86,7 +86,12 @@ fn main() -> Result<()> {
                 .env("BALANCER_BIN", bin.join("balancer"))
                 .arg("--quick");
             let smoke = run(bench).context("benchmark smoke run (`cargo xtask bench --quick`)");
-            tests.and(smoke)
+            // The closing line counts every test binary.
+            println!(
+                "xtask test: {} passed, {} failed",
+                tests.passed, tests.failed
+            );
+            tests.result.and(smoke)
         }
         Cmd::Demo => {
             setup(&root)?;
@@ -145,9 +150,16 @@ fn run(mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, echoing its output, and closes with one summary line
-/// over every test binary: `xtask test: N passed, M failed`.
-fn run_tests(mut cmd: Command) -> Result<()> {
+/// What `cargo test` reported over every test binary.
+struct TestRun {
+    passed: u64,
+    failed: u64,
+    result: Result<()>,
+}
+
+/// Runs `cargo test`, echoing its output and adding up the libtest
+/// summary lines of every test binary.
+fn run_tests(mut cmd: Command) -> Result<TestRun> {
     use std::io::{BufRead, BufReader};
     let shown = format!("{cmd:?}");
     let mut child = cmd
@@ -165,14 +177,18 @@ fn run_tests(mut cmd: Command) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("xtask test: {passed} passed, {failed} failed");
-    if !status.success() {
-        bail!("{shown} failed: {status}");
-    }
-    if passed == 0 {
-        bail!("no test ran");
-    }
-    Ok(())
+    let result = if !status.success() {
+        Err(anyhow::anyhow!("{shown} failed: {status}"))
+    } else if passed == 0 {
+        Err(anyhow::anyhow!("no test ran"))
+    } else {
+        Ok(())
+    };
+    Ok(TestRun {
+        passed,
+        failed,
+        result,
+    })
 }
 
 /// `(passed, failed)` from a libtest line such as
