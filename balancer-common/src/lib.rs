@@ -218,8 +218,8 @@ pub struct FlowEntry {
     /// `FLOW_*` flags.
     pub flags: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet, refreshed
-    /// at most once a second.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the
+    /// last packet, refreshed at most once a second.
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 48);

@@ -7,7 +7,9 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
-    helpers::generated::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
+    helpers::generated::{
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect,
+    },
     programs::XdpContext,
     EbpfContext,
 };
@@ -29,6 +31,14 @@ const SNAT_PROBES: u32 = 16; // keep in step with the `probe!` list below
 /// packets from writing to the shared entry every time.
 const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 const AF_INET: u8 = 2;
+
+/// CLOCK_MONOTONIC at tick resolution. Flow timeouts are seconds long, and
+/// the coarse clock skips the TSC read that `bpf_ktime_get_ns` pays on every
+/// packet (a fifth of an established packet's cost when profiled).
+#[inline(always)]
+fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext) -> u32 {
@@ -108,7 +118,9 @@ fn expired(e: &FlowEntry, now: u64, settings: &Settings) -> bool {
     } else {
         settings.idle_timeout_ns
     };
-    now.wrapping_sub(e.last_seen_ns) > timeout
+    // `>=`: with the coarse clock two packets often share a timestamp, and
+    // a zero timeout must still mean "expired".
+    now.wrapping_sub(e.last_seen_ns) >= timeout
 }
 
 /// Forgets a flow: both of its entries.
@@ -132,7 +144,7 @@ fn established(
         count(counter::PASS_NO_FLOW);
         return xdp_action::XDP_PASS;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let e = unsafe { *ep };
     if expired(&e, now, settings) {
         forget(key, &e);
@@ -179,7 +191,7 @@ fn new_connection(
     svc: &Service,
     settings: &Settings,
 ) -> u32 {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     // A retransmitted SYN follows the flow its first copy created.
     if let Some(ep) = CONNTRACK.get_ptr(key) {
         let e = unsafe { *ep };

@@ -5,8 +5,8 @@
 //! it arrives; a flow that simply goes quiet would hold its SNAT port until
 //! LRU eviction. Every [`SWEEP_INTERVAL`] this module walks `CONNTRACK` and
 //! deletes both entries (forward and reverse) of each flow whose entries
-//! have all expired. Timestamps are `bpf_ktime_get_ns()`, i.e.
-//! `CLOCK_MONOTONIC`.
+//! have all expired. Timestamps are `bpf_ktime_get_coarse_ns()`, i.e.
+//! `CLOCK_MONOTONIC` at tick resolution.
 //!
 //! Purge ([`purge_backends`]): deletes both entries of every flow of given
 //! (service, backend) pairs and returns the flows, so that
@@ -111,7 +111,7 @@ fn key_order(k: &FlowKey) -> (u32, u32, u16, u16, u8) {
     (k.saddr, k.daddr, k.sport, k.dport, k.proto)
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns()`.
 pub fn monotonic_now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
