@@ -507,6 +507,17 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Detaches the XDP_PASS programs from the bridge ports (they are
+    /// attached by [`Lab::new`]). For labs whose agents run in generic
+    /// (skb) XDP mode only: generic XDP_TX hands the frame to the veth as
+    /// an skb, which reaches the bridge without a program on the peer,
+    /// while native XDP_TX from a node needs one (TOOLCHAIN.md). Without
+    /// them every bridge port is a plain veth (no NAPI receive, no skb to
+    /// xdp_buff conversion). Idempotent.
+    pub fn detach_port_xdp(&mut self) {
+        self.port_xdp = None;
+    }
+
     /// The name prefix of every namespace of this lab.
     pub fn prefix(&self) -> &str {
         &self.prefix

@@ -41,7 +41,8 @@ enum Cmd {
     /// Install what is missing, build, and run the namespace lab demo.
     Demo,
     /// Install what is missing, build, and benchmark: per-packet cost,
-    /// redis-benchmark direct / through XDP / through HAProxy, CPU. Writes
+    /// redis-benchmark direct / through XDP / through HAProxy, CPU, failover
+    /// against keepalived + HAProxy. Writes
     /// bench/results/ (release build); --quick: target/bench-quick/ (debug).
     Bench {
         /// Tiny counts and one round: a smoke run of every code path.

@@ -2,8 +2,9 @@
 //! the client namespace against
 //!
 //! - (a) node 2's KeyDB directly,
-//! - (b) the VIP through our data plane (agent on node 1, native XDP; node
-//!   1's KeyDB is the local backend, node 2's the remote, NATed one),
+//! - (b) the VIP through our data plane (agent on node 1, native or
+//!   generic XDP as [`LabXdp`] says; node 1's KeyDB is the local backend,
+//!   node 2's the remote, NATed one),
 //! - (c) the VIP through HAProxy on node 1 ([`super::haproxy`]),
 //! - and, as a diagnostic, (b′) the VIP through our data plane with node 2
 //!   as the only backend: every connection NATed, one server busy, as in
@@ -24,7 +25,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -38,7 +39,7 @@ use crate::{
 
 use super::{
     cpu::{bpf_stats_sysctl, xdp_prog_id, BpfStats, MachineCpu, ProcessCpu, ProgramRunTime},
-    haproxy::{Haproxy, HaproxyConfig},
+    haproxy::{CheckTiming, Haproxy, HaproxyConfig},
     redis_benchmark::{parse_csv, TestResult, Workload},
 };
 
@@ -49,42 +50,112 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// The key redis-benchmark's GET and SET use (no `-r`).
 const BENCH_KEY: &str = "key:__rand_int__";
 
-/// How much to run.
-#[derive(Clone, Copy, Debug)]
+/// How much to run, and how the lab is set up.
+#[derive(Clone, Debug)]
 pub struct LabPlan {
     pub rounds: usize,
     pub quick: bool,
-    /// CPU placement: the client on the last CPU, the servers and HAProxy
-    /// on the others (see [`Placement`]); `false` leaves it to the
-    /// scheduler.
-    pub pin: bool,
+    /// How node 1 runs the XDP program (and whether the bridge ports need
+    /// the XDP_PASS program).
+    pub xdp: LabXdp,
+    /// CPU placement of the client and of the nodes' processes.
+    pub placement: Placement,
 }
 
-/// Where the lab's busy processes run when pinned: redis-benchmark alone
-/// on the last CPU, everything of the nodes (servers, HAProxy) on the
-/// rest. Softirq work follows the sender (veth transmits run the peer's
-/// receive path on the sending CPU), so the client's CPU also carries the
-/// requests' trip through the virtual switch and the XDP program.
-#[derive(Clone, Debug)]
+/// How the lab runs our data plane. The choice applies to the whole lab,
+/// so (a) and (c) see the same virtual switch as (b).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LabXdp {
+    /// Native (driver) XDP on node 1's veth, and the `xdp_pass` program on
+    /// every bridge port, which native XDP_TX needs (TOOLCHAIN.md): the
+    /// lab of `cargo xtask test`.
+    Native,
+    /// Generic (skb) XDP on node 1 (`xdp_mode = "generic"`) and no program
+    /// on the bridge ports: every port is a plain veth.
+    Generic,
+}
+
+impl LabXdp {
+    /// The agent's `[dataplane] xdp_mode`.
+    pub fn agent_mode(self) -> &'static str {
+        match self {
+            LabXdp::Native => "native",
+            LabXdp::Generic => "generic",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            LabXdp::Native => "native XDP on node 1, `xdp_pass` on every bridge port",
+            LabXdp::Generic => "generic (skb) XDP on node 1, no XDP program on the bridge ports",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "native" => Some(LabXdp::Native),
+            "generic" => Some(LabXdp::Generic),
+            _ => None,
+        }
+    }
+
+    /// Builds a 2-node lab set up for this mode.
+    pub fn lab(self, tag: &str) -> Result<Lab> {
+        let mut lab = Lab::new(tag, 2)?;
+        if self == LabXdp::Generic {
+            lab.detach_port_xdp();
+        }
+        Ok(lab)
+    }
+}
+
+/// Where the lab's busy processes run: `taskset -c` CPU lists for the
+/// client (redis-benchmark) and for the nodes' processes (servers,
+/// HAProxy); `None` leaves that side to the scheduler. Softirq work
+/// follows the sender (veth transmits run the peer's receive path on the
+/// sending CPU), so the client's CPU also carries the requests' trip
+/// through the virtual switch and the XDP program.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Placement {
-    pub client: String,
-    pub nodes: String,
+    pub client: Option<String>,
+    pub nodes: Option<String>,
 }
 
 impl Placement {
-    pub fn for_machine() -> Option<Self> {
-        let n = std::thread::available_parallelism().ok()?.get();
-        if n < 2 {
+    /// `--pin`: redis-benchmark alone on the last CPU, everything of the
+    /// nodes on the rest.
+    pub fn split(cpus: usize) -> Option<Self> {
+        if cpus < 2 {
             return None;
         }
         Some(Placement {
-            client: (n - 1).to_string(),
-            nodes: if n == 2 {
+            client: Some((cpus - 1).to_string()),
+            nodes: Some(if cpus == 2 {
                 "0".into()
             } else {
-                format!("0-{}", n - 2)
-            },
+                format!("0-{}", cpus - 2)
+            }),
         })
+    }
+
+    pub fn is_none(&self) -> bool {
+        self.client.is_none() && self.nodes.is_none()
+    }
+
+    /// One line for the report.
+    pub fn describe(&self) -> String {
+        match (&self.client, &self.nodes) {
+            (None, None) => "left to the scheduler".into(),
+            (Some(c), None) => format!(
+                "redis-benchmark pinned to CPU {c} with taskset, everything else left to the scheduler"
+            ),
+            (None, Some(n)) => format!(
+                "the nodes' servers and HAProxy pinned to CPU {n} with taskset, redis-benchmark left to the scheduler"
+            ),
+            (Some(c), Some(n)) => format!(
+                "pinned with taskset, redis-benchmark on CPU {c}, the nodes' servers and HAProxy on CPU {n}"
+            ),
+        }
     }
 }
 
@@ -188,7 +259,6 @@ pub struct LabResults {
     pub haproxy_config: String,
     /// `/proc/loadavg` before and after (other users of the machine).
     pub loadavg: (String, String),
-    pub placement: Option<Placement>,
     pub elapsed: Duration,
 }
 
@@ -207,20 +277,16 @@ enum Serving {
 pub fn run_lab(plan: LabPlan, interrupted: &dyn Fn() -> bool) -> Result<LabResults> {
     let started = Instant::now();
     let loadavg_before = loadavg();
-    let mut lab = Lab::new("B", 2)?;
+    let mut lab = plan.xdp.lab("B")?;
     lab.start_servers()?;
-    let placement = if plan.pin {
-        let p = Placement::for_machine().context("pinning needs at least 2 CPUs")?;
+    if let Some(cpus) = &plan.placement.nodes {
         for node in 1..=2 {
             let ns = lab.node(node).ns().name().to_string();
             for pid in pids_named(&ns, &[crate::lab::keydb_server_program()])? {
-                run("taskset", &["-a", "-p", "-c", &p.nodes, &pid.to_string()])?;
+                run("taskset", &["-a", "-p", "-c", cpus, &pid.to_string()])?;
             }
         }
-        Some(p)
-    } else {
-        None
-    };
+    }
     let run_ids = lab.in_client(|| -> Result<HashMap<String, usize>> {
         let mut ids = HashMap::new();
         for node in 1..=2 {
@@ -232,18 +298,7 @@ pub fn run_lab(plan: LabPlan, interrupted: &dyn Fn() -> bool) -> Result<LabResul
         Ok(ids)
     })??;
     ensure!(run_ids.len() == 2, "both servers report the same run_id");
-    let haproxy_config = HaproxyConfig {
-        bind: match vip_keydb() {
-            SocketAddr::V4(v) => v,
-            SocketAddr::V6(_) => unreachable!("the lab's VIP is IPv4"),
-        },
-        backends: (1..=2)
-            .map(|i| match node_keydb(i) {
-                SocketAddr::V4(v) => v,
-                SocketAddr::V6(_) => unreachable!("the lab is IPv4"),
-            })
-            .collect(),
-    };
+    let haproxy_config = haproxy_config(CheckTiming::default(), None);
     let before = bpf_stats_sysctl().unwrap_or_else(|| "?".into());
     let mut during = String::from("?");
     let mut samples = Vec::new();
@@ -252,7 +307,7 @@ pub fn run_lab(plan: LabPlan, interrupted: &dyn Fn() -> bool) -> Result<LabResul
             if interrupted() {
                 bail!("interrupted");
             }
-            let mut serving = start(&mut lab, mode, &haproxy_config, placement.as_ref())?;
+            let mut serving = start(&mut lab, mode, &haproxy_config, &plan)?;
             if matches!(serving, Serving::Xdp { .. }) {
                 during = bpf_stats_sysctl().unwrap_or_else(|| "?".into());
             }
@@ -263,22 +318,14 @@ pub fn run_lab(plan: LabPlan, interrupted: &dyn Fn() -> bool) -> Result<LabResul
                 if interrupted() {
                     bail!("interrupted");
                 }
-                let sample = run_one(
-                    &lab,
-                    &mut serving,
-                    round,
-                    mode,
-                    workload,
-                    plan.quick,
-                    placement.as_ref(),
-                )
-                .with_context(|| {
-                    format!(
-                        "round {round}, ({}) {}, {workload:?}",
-                        mode.letter(),
-                        mode.describe()
-                    )
-                })?;
+                let sample = run_one(&lab, &mut serving, round, mode, workload, &plan)
+                    .with_context(|| {
+                        format!(
+                            "round {round}, ({}) {}, {workload:?}",
+                            mode.letter(),
+                            mode.describe()
+                        )
+                    })?;
                 println!(
                     "  round {round} ({}) {:<41} {}",
                     mode.letter(),
@@ -309,9 +356,26 @@ pub fn run_lab(plan: LabPlan, interrupted: &dyn Fn() -> bool) -> Result<LabResul
         bpf_stats_sysctl: (before, during, after),
         haproxy_config: haproxy_config.to_config(),
         loadavg: (loadavg_before, loadavg()),
-        placement,
         elapsed: started.elapsed(),
     })
+}
+
+/// The HAProxy config of the lab: VIP:6380 over both nodes' KeyDBs.
+pub fn haproxy_config(
+    check: CheckTiming,
+    stats_socket: Option<std::path::PathBuf>,
+) -> HaproxyConfig {
+    HaproxyConfig {
+        bind: match vip_keydb() {
+            SocketAddr::V4(v) => v,
+            SocketAddr::V6(_) => unreachable!("the lab's VIP is IPv4"),
+        },
+        backends: (1..=2)
+            .map(|i| SocketAddrV4::new(node_addr(i), crate::lab::KEYDB_PORT))
+            .collect(),
+        check,
+        stats_socket,
+    }
 }
 
 fn loadavg() -> String {
@@ -322,37 +386,36 @@ fn loadavg() -> String {
 
 /// Sends one command to node `index`'s KeyDB from the client namespace.
 fn command_on(lab: &Lab, index: usize, args: Vec<String>) -> Result<Value> {
-    let target = SocketAddr::V4(std::net::SocketAddrV4::new(node_addr(index), 6380));
+    let target = SocketAddr::V4(SocketAddrV4::new(node_addr(index), 6380));
     lab.in_client(move || -> Result<Value> {
         let mut c = Connection::connect(target, IO_TIMEOUT)?;
         Ok(c.command(&args)?)
     })?
 }
 
-fn config_set_bind(lab: &Lab, addrs: &str) -> Result<()> {
+/// Re-binds node `index`'s KeyDB to `addrs` (`CONFIG SET bind`); its data
+/// and its open connections stay. Binding it to the node's own address
+/// frees VIP:6380 for an HAProxy on the same node.
+pub fn config_set_bind(lab: &Lab, index: usize, addrs: &str) -> Result<()> {
     let reply = command_on(
         lab,
-        1,
+        index,
         vec!["CONFIG".into(), "SET".into(), "bind".into(), addrs.into()],
     )?;
     ensure!(
         matches!(&reply, Value::Status(s) if s == "OK"),
-        "CONFIG SET bind {addrs} on node 1 answered {reply:?} (needs redis-server >= 7.0)"
+        "CONFIG SET bind {addrs} on node {index} answered {reply:?} (needs redis-server >= 7.0)"
     );
     Ok(())
 }
 
-fn start(
-    lab: &mut Lab,
-    mode: Mode,
-    haproxy: &HaproxyConfig,
-    placement: Option<&Placement>,
-) -> Result<Serving> {
+fn start(lab: &mut Lab, mode: Mode, haproxy: &HaproxyConfig, plan: &LabPlan) -> Result<Serving> {
     match mode {
         Mode::Direct => Ok(Serving::Direct),
         Mode::Xdp | Mode::XdpRemoteOnly => {
             let stats = BpfStats::enable()?;
             let mut config = AgentConfig::for_lab(lab, true);
+            config.xdp_mode = plan.xdp.agent_mode().into();
             if mode == Mode::XdpRemoteOnly {
                 config.backends.retain(|b| *b.ip() == node_addr(2));
             }
@@ -369,7 +432,7 @@ fn start(
             })
         }
         Mode::Haproxy => {
-            config_set_bind(lab, &node_addr(1).to_string())?;
+            config_set_bind(lab, 1, &node_addr(1).to_string())?;
             lab.node(1)
                 .ns()
                 .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "eth0"])?;
@@ -377,7 +440,7 @@ fn start(
                 lab.node(1),
                 haproxy,
                 lab.dir(),
-                placement.map(|p| p.nodes.as_str()),
+                plan.placement.nodes.as_deref(),
             )?;
             Ok(Serving::Haproxy(h))
         }
@@ -401,7 +464,7 @@ fn stop(lab: &mut Lab, serving: Serving) -> Result<()> {
             lab.node(1)
                 .ns()
                 .ip(&["addr", "del", &format!("{VIP}/32"), "dev", "eth0"])?;
-            config_set_bind(lab, "0.0.0.0")
+            config_set_bind(lab, 1, "0.0.0.0")
         }
     }
 }
@@ -495,9 +558,9 @@ fn run_one(
     round: usize,
     mode: Mode,
     workload: Workload,
-    quick: bool,
-    placement: Option<&Placement>,
+    plan: &LabPlan,
 ) -> Result<Sample> {
+    let quick = plan.quick;
     // The key GET reads holds the workload's value size on both servers.
     let value = "x".repeat(workload.value_size());
     for node in 1..=2 {
@@ -515,10 +578,10 @@ fn run_one(
     let total = u64::from(requests) * workload.tests().len() as u64;
     // Bounded: even at 2,000 requests/s the run ends well before this.
     let timeout = Duration::from_secs(30 + total / 2_000);
-    let mut cmd = match placement {
-        Some(p) => {
+    let mut cmd = match &plan.placement.client {
+        Some(cpus) => {
             let mut c = lab.client().command("taskset");
-            c.args(["-c", &p.client, "redis-benchmark"]);
+            c.args(["-c", cpus, "redis-benchmark"]);
             c
         }
         None => lab.client().command("redis-benchmark"),

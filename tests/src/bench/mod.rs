@@ -5,6 +5,8 @@
 //! - [`lab_run`]: redis-benchmark from the lab's client against one backend
 //!   directly, the VIP through our XDP data plane and the VIP through
 //!   HAProxy, with the CPU each balancer spends.
+//! - [`failover`]: the client's longest gap when the VIP holder's link is
+//!   cut, for our agents and for keepalived + HAProxy (default and tuned).
 //! - [`report`]: the Markdown report and the SVG chart.
 //!
 //! Benchmarks never decide a test's outcome; the harness fails only when a

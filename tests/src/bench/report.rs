@@ -11,7 +11,7 @@ use plotters::{
 };
 
 use super::{
-    failover::FailoverStatus,
+    failover::{self, FailoverStatus},
     lab_run::{BalancerCpu, LabResults, Mode, Sample},
     packet_cost::{Method, PacketCost},
     redis_benchmark::Workload,
@@ -574,10 +574,19 @@ pub struct ReportInput<'a> {
 pub fn render_markdown(r: &ReportInput) -> String {
     let mut m = String::new();
     let _ = writeln!(m, "# Benchmark: XDP data plane vs HAProxy (issue 4)\n");
+    let xdp = r
+        .lab
+        .map(|l| l.plan.xdp)
+        .or(match r.failover {
+            FailoverStatus::Measured(f) => Some(f.plan.xdp),
+            FailoverStatus::NotRun => None,
+        })
+        .map(|x| format!("; {}", x.describe()))
+        .unwrap_or_default();
     let _ = writeln!(
         m,
         "Run of {} with `{}`{}. Everything ran in network namespaces on 198.18.0.0/15 \
-         (2 nodes + client on a bridge, native XDP, as `cargo xtask test`'s lab).\n",
+         (2 nodes + client on a bridge{xdp}).\n",
         r.date,
         r.command,
         if r.quick {
@@ -608,18 +617,16 @@ pub fn render_markdown(r: &ReportInput) -> String {
                 Mode::Haproxy.describe(),
                 Workload::ALL
                     .iter()
-                    .map(|w| format!("{} `-n {}`", short_label(*w, "SET/GET"), w.requests(lab.plan.quick)))
+                    .map(|w| format!(
+                        "{} `-n {}`",
+                        short_label(*w, "SET/GET"),
+                        w.requests(lab.plan.quick)
+                    ))
                     .collect::<Vec<_>>()
                     .join(", "),
                 lab.loadavg.0,
                 lab.loadavg.1,
-                match &lab.placement {
-                    Some(p) => format!(
-                        "pinned with taskset, redis-benchmark on CPU {}, the nodes' servers and HAProxy on CPU {}",
-                        p.client, p.nodes
-                    ),
-                    None => "left to the scheduler".into(),
-                }
+                lab.plan.placement.describe()
             );
         }
         let _ = writeln!(m, "{}", throughput_table(s));
@@ -660,7 +667,12 @@ pub fn render_markdown(r: &ReportInput) -> String {
         let _ = writeln!(m, "{}", PACKET_METHOD);
     }
     let _ = writeln!(m, "## Failover\n");
-    let _ = writeln!(m, "**{}**\n", r.failover.summary());
+    match r.failover {
+        FailoverStatus::NotRun => {
+            let _ = writeln!(m, "{}", r.failover.summary());
+        }
+        FailoverStatus::Measured(f) => render_failover(&mut m, f),
+    }
     let _ = writeln!(m, "## What limits each figure\n{LIMITS}");
     let _ = writeln!(
         m,
@@ -714,6 +726,62 @@ pub fn render_markdown(r: &ReportInput) -> String {
     m
 }
 
+fn render_failover(m: &mut String, f: &failover::FailoverResults) {
+    let _ = writeln!(
+        m,
+        "{} hard node loss(es) per setup: the VIP holder's bridge port goes down while a client \
+         `SET`s through VIP:6380 every 2 ms (100 ms timeout per command, reconnecting at once \
+         after any error). The longest gap is the longest time between two successful writes \
+         from the cut until 1 s of writes after the VIP moved; after each trial the link comes \
+         back and the next trial starts once node 1 holds the VIP again and every balancer sees \
+         both KeyDBs up. Load average before / after: {} / {}. Measured in {:.0} s.\n",
+        f.plan.trials,
+        f.loadavg.0,
+        f.loadavg.1,
+        f.elapsed.as_secs_f64()
+    );
+    let _ = writeln!(m, "{}", failover::summary_table(f));
+    for s in &f.setups {
+        let _ = writeln!(m, "- **{}**: {}.", s.setup.name(), s.setup.settings());
+        if let Some(e) = &s.error {
+            let _ = writeln!(
+                m,
+                "  **Stopped after {} trial(s)**: `{}`",
+                s.trials.len(),
+                e.lines().next().unwrap_or("")
+            );
+        }
+    }
+    let _ = writeln!(m, "\nEvery trial:\n");
+    let _ = writeln!(m, "{}", failover::trials_table(f));
+    let _ = writeln!(m, "{FAILOVER_METHOD}\n");
+    for (title, text) in &f.configs {
+        let _ = writeln!(m, "{title}:\n\n```\n{text}```\n");
+    }
+}
+
+const FAILOVER_METHOD: &str = r#"How it is measured (tests/src/bench/failover.rs): one 2-node lab per
+setup, redis-server on both nodes, node 1 the higher priority (150 against
+100) with preemption, so node 1 holds the VIP at the start of every trial.
+Trial k of n cuts the link (k - 1)/n s after the cluster settled, so the
+cuts fall at different points of the advert interval (a backup takes over
+Master_Down_Interval after the last advert it received; with 1 s adverts
+that phase alone moves the gap by up to 1 s). The client retries every
+100 ms (its command and connect timeout), so a gap includes up to 100 ms
+of its own retry wait after the path is back.
+"VIP on the other node after" is when `ip addr` in node 2's namespace first
+showed the VIP (polled every ~10 ms). keepalived runs VRRP only (no
+`virtual_server`, no `vrrp_strict`, which would add firewall rules); in
+(ii) and (iii) each KeyDB is bound to its node's own address so that both
+HAProxies can bind VIP:6380, and `net.ipv4.ip_nonlocal_bind=1` lets the
+backup's HAProxy bind it before it holds the VIP. keepalived and our
+agents both put the instance of a node whose interface loses carrier in a
+fault state and release the VIP; when the link returns, node 1 ignores node
+2's lower-priority adverts and takes the VIP back when its own
+Master_Down_Interval expires (preemption; our agent also waits for its own
+KeyDB to be READY). "Gap when node 1 returns" is the client's longest gap
+from the link's return until the cluster settled again."#;
+
 const PACKET_METHOD: &str = r#"How the cases are built (tests/src/bench/packet_cost.rs, in the
 packet-fixture namespace of tests/src/fixture.rs): `BPF_PROG_TEST_RUN` with
 `repeat` = R runs the program R times on one buffer, so a rewritten packet
@@ -732,7 +800,11 @@ SNAT range 1024–65535, conntrack of the agent's default 524,288 entries,
 emptied untimed every 64,512 SYNs so it never evicts)."#;
 
 /// Raw results as JSON.
-pub fn to_json(packet: Option<&PacketCost>, lab: Option<&LabResults>) -> serde_json::Value {
+pub fn to_json(
+    packet: Option<&PacketCost>,
+    lab: Option<&LabResults>,
+    failover: &FailoverStatus,
+) -> serde_json::Value {
     use serde_json::json;
     let packet = packet.map(|p| {
         json!({
@@ -755,6 +827,9 @@ pub fn to_json(packet: Option<&PacketCost>, lab: Option<&LabResults>) -> serde_j
         json!({
             "rounds": l.plan.rounds,
             "quick": l.plan.quick,
+            "xdp": l.plan.xdp.agent_mode(),
+            "bridge_port_xdp_pass": l.plan.xdp == super::lab_run::LabXdp::Native,
+            "placement": { "client": l.plan.placement.client, "nodes": l.plan.placement.nodes },
             "bpf_stats_enabled": [l.bpf_stats_sysctl.0, l.bpf_stats_sysctl.1, l.bpf_stats_sysctl.2],
             "samples": l.samples.iter().map(|s| json!({
                 "round": s.round,
@@ -782,7 +857,7 @@ pub fn to_json(packet: Option<&PacketCost>, lab: Option<&LabResults>) -> serde_j
             })).collect::<Vec<_>>(),
         })
     });
-    json!({ "packet_cost": packet, "lab": lab })
+    json!({ "packet_cost": packet, "lab": lab, "failover": failover::to_json(failover) })
 }
 
 /// Grey (direct / xdp_pass), blue (XDP), red (HAProxy), light blue (b′).
@@ -903,10 +978,48 @@ fn bars(
     Ok(())
 }
 
-fn draw(path: &Path, s: Option<&Summary>, p: Option<&PacketCost>) -> DrawResult {
-    let root = SVGBackend::new(path, (1200, 800)).into_drawing_area();
+fn draw(
+    path: &Path,
+    s: Option<&Summary>,
+    p: Option<&PacketCost>,
+    f: Option<&failover::FailoverResults>,
+) -> DrawResult {
+    let root = SVGBackend::new(path, (1200, 1150)).into_drawing_area();
     root.fill(&WHITE)?;
-    let panels = root.split_evenly((2, 2));
+    let (top, bottom) = root.split_vertically(800);
+    let panels = top.split_evenly((2, 2));
+    if let Some(f) = f {
+        let labels: Vec<String> = f
+            .setups
+            .iter()
+            .map(|s| s.setup.name().to_string())
+            .collect();
+        let in_ms = |d: Option<std::time::Duration>| {
+            d.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN)
+        };
+        bars(
+            &bottom,
+            &format!(
+                "Failover: client's longest gap per hard node loss, ms ({} trial(s) per setup)",
+                f.plan.trials
+            ),
+            "ms",
+            &labels,
+            &[
+                (
+                    "median",
+                    COLORS[1],
+                    f.setups.iter().map(|s| in_ms(s.median_gap())).collect(),
+                ),
+                (
+                    "max",
+                    COLORS[2],
+                    f.setups.iter().map(|s| in_ms(s.max_gap())).collect(),
+                ),
+            ],
+            None,
+        )?;
+    }
     if let Some(s) = s {
         let labels: Vec<String> = s.rows.iter().map(|r| r.short.clone()).collect();
         let rel = |m: Mode| -> Vec<f64> {
@@ -993,14 +1106,28 @@ fn draw(path: &Path, s: Option<&Summary>, p: Option<&PacketCost>) -> DrawResult 
 }
 
 /// Draws the SVG chart.
-pub fn draw_chart(path: &Path, s: Option<&Summary>, p: Option<&PacketCost>) -> Result<()> {
-    draw(path, s, p).map_err(|e| anyhow::anyhow!("draw {}: {e}", path.display()))
+pub fn draw_chart(
+    path: &Path,
+    s: Option<&Summary>,
+    p: Option<&PacketCost>,
+    f: Option<&failover::FailoverResults>,
+) -> Result<()> {
+    draw(path, s, p, f).map_err(|e| anyhow::anyhow!("draw {}: {e}", path.display()))
 }
 
 /// Writes REPORT.md, chart.svg and results.json into `dir`.
 pub fn write_all(dir: &Path, input: &ReportInput, json: &serde_json::Value) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    draw_chart(&dir.join(input.chart_file), input.summary, input.packet)?;
+    let failover = match input.failover {
+        FailoverStatus::Measured(f) => Some(f),
+        FailoverStatus::NotRun => None,
+    };
+    draw_chart(
+        &dir.join(input.chart_file),
+        input.summary,
+        input.packet,
+        failover,
+    )?;
     fs::write(dir.join("REPORT.md"), render_markdown(input)).context("write REPORT.md")?;
     fs::write(
         dir.join("results.json"),
@@ -1017,7 +1144,8 @@ mod tests {
     use super::*;
     use crate::bench::{
         cpu::{MachineCpu, ProgramRunTime},
-        lab_run::LabPlan,
+        failover::{FailoverPlan, FailoverResults, Setup, SetupResult, Trial},
+        lab_run::{LabPlan, LabXdp, Placement},
         redis_benchmark::TestResult,
     };
 
@@ -1049,13 +1177,13 @@ mod tests {
             plan: LabPlan {
                 rounds: 3,
                 quick: false,
-                pin: false,
+                xdp: LabXdp::Generic,
+                placement: Placement::default(),
             },
             samples,
             bpf_stats_sysctl: ("0".into(), "1".into(), "0".into()),
             haproxy_config: String::new(),
             loadavg: (String::new(), String::new()),
-            placement: None,
             elapsed: Duration::ZERO,
         }
     }
@@ -1118,7 +1246,7 @@ mod tests {
     }
 
     #[test]
-    fn report_says_failover_is_pending_and_chart_draws() {
+    fn report_has_failover_figures_and_chart_draws() {
         let s = summarize(&lab(vec![sample(
             1,
             Mode::Direct,
@@ -1126,24 +1254,68 @@ mod tests {
             1.0,
             BalancerCpu::None,
         )]));
-        let failover = crate::bench::failover::measure(true);
+        let trial = Trial {
+            number: 1,
+            cut: 1,
+            takeover: Duration::from_millis(330),
+            client: crate::lab::WriterReport {
+                window: Duration::from_secs(2),
+                writes: 500,
+                failed_commands: 1,
+                connects: 1,
+                failed_connects: 0,
+                longest_gap: Duration::from_millis(412),
+                longest_gap_span: (Duration::from_secs(1), Duration::from_secs(2)),
+                errors: vec![(Duration::from_secs(1), "command: timed out".into())],
+            },
+            rejoin_gap: Duration::from_millis(30),
+        };
+        let failover = FailoverStatus::Measured(FailoverResults {
+            plan: FailoverPlan::quick(LabXdp::Generic),
+            setups: vec![SetupResult {
+                setup: Setup::Agents,
+                trials: vec![trial],
+                error: None,
+                elapsed: Duration::from_secs(5),
+            }],
+            loadavg: (String::new(), String::new()),
+            elapsed: Duration::from_secs(5),
+            configs: vec![("keepalived.conf".into(), "vrrp_instance VI_1 {}\n".into())],
+        });
+        let l = lab(Vec::new());
         let input = ReportInput {
             quick: true,
             command: "cargo xtask bench --quick".into(),
             date: "today".into(),
             packet: None,
-            lab: None,
+            lab: Some(&l),
             summary: Some(&s),
             failover: &failover,
             chart_file: "chart.svg",
         };
         let md = render_markdown(&input);
-        assert!(md.contains("Failover: pending election"), "{md}");
+        assert!(
+            md.contains("| (i) our agents, defaults | 1 | 412 | 412 | 1 | 0 | 412 | 330 | 30 |"),
+            "{md}"
+        );
+        assert!(md.contains("generic (skb) XDP on node 1"), "{md}");
+        assert!(md.contains("command: timed out"), "{md}");
         let dir = std::env::temp_dir().join(format!("bench-report-test-{}", std::process::id()));
-        let json = to_json(None, None);
+        let json = to_json(None, Some(&l), &failover);
+        assert_eq!(
+            json["failover"]["setups"][0]["trials"][0]["failed_commands"],
+            1
+        );
+        assert_eq!(json["lab"]["xdp"], "generic");
         write_all(&dir, &input, &json).unwrap();
         let svg = std::fs::read_to_string(dir.join("chart.svg")).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert!(svg.starts_with("<svg") && svg.contains("Throughput relative to direct"));
+        assert!(svg.contains("Failover: client"), "no failover panel");
+        let none = render_markdown(&ReportInput {
+            failover: &FailoverStatus::NotRun,
+            ..input
+        });
+        assert!(none.contains("Failover: not run"), "{none}");
     }
 }

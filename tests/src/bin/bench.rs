@@ -1,20 +1,31 @@
 //! `cargo xtask bench [--quick]`: per-packet cost of the XDP data plane,
-//! redis-benchmark through it, through HAProxy and direct, and the CPU each
-//! balancer spends; writes REPORT.md, chart.svg and results.json and prints
-//! the tables. See tests/src/bench/ for what each part measures.
+//! redis-benchmark through it, through HAProxy and direct, the CPU each
+//! balancer spends, and the client's gap when the VIP holder is lost (our
+//! agents against keepalived + HAProxy); writes REPORT.md, chart.svg and
+//! results.json and prints the tables. See tests/src/bench/ for what each
+//! part measures.
 //!
 //! Run as root. Options:
-//!   --quick        tiny counts, one round (a smoke run of every code path);
-//!                  writes to target/bench-quick/ unless --out is given
-//!   --rounds N     rounds of the end-to-end part (default 5)
-//!   --out DIR      where to write the report (default bench/results/)
-//!   --only PART    `packet` or `lab`: run one part only
-//!   --pin          CPU placement: redis-benchmark on the last CPU, the
-//!                  nodes' servers and HAProxy on the others
-//!   --no-pin       leave placement to the scheduler
+//!   --quick              tiny counts, one round, one failover trial per
+//!                        setup (a smoke run of every code path); writes to
+//!                        target/bench-quick/ unless --out is given
+//!   --rounds N           rounds of the end-to-end part (default 5)
+//!   --failover-trials N  hard node losses per failover setup (default 5)
+//!   --out DIR            where to write the report (default bench/results/)
+//!   --only PART          `packet`, `lab` or `failover`: run one part only
+//!   --xdp-mode MODE      `generic` (default): the agent attaches in skb
+//!                        mode and the lab's bridge ports run no XDP
+//!                        (faster for every path on this lab, see
+//!                        bench/ANALYSIS.md); `native`: driver mode,
+//!                        `xdp_pass` on every bridge port (the lab of
+//!                        `cargo xtask test`)
+//!   --client-cpu N       run redis-benchmark under `taskset -c N`
+//!   --pin                redis-benchmark on the last CPU, the nodes'
+//!                        servers and HAProxy on the others
+//!   --no-pin             leave placement to the scheduler (default)
 //!
-//! Exits non-zero only if a measurement could not be taken; missed targets
-//! are reported, not failed.
+//! Exits non-zero only if a measurement could not be taken (the report is
+//! still written); missed targets are reported, not failed.
 
 use std::{
     path::PathBuf,
@@ -25,8 +36,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use balancer_tests::{
     bench::{
-        failover,
-        lab_run::{run_lab, LabPlan},
+        failover::{self, FailoverPlan, FailoverStatus},
+        lab_run::{run_lab, LabPlan, LabXdp, Placement},
         packet_cost::{measure, PacketCostPlan},
         report::{self, ReportInput},
     },
@@ -42,45 +53,85 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 struct Args {
     quick: bool,
     rounds: usize,
+    failover_trials: Option<usize>,
     out: Option<PathBuf>,
     packet: bool,
     lab: bool,
-    pin: Option<bool>,
+    failover: bool,
+    xdp: LabXdp,
+    placement: Placement,
+}
+
+/// The lab's XDP set-up when `--xdp-mode` is not given (see ANALYSIS.md).
+const DEFAULT_XDP: LabXdp = LabXdp::Generic;
+
+fn parse_count(flag: &str, v: Option<String>) -> Result<usize> {
+    let v = v.with_context(|| format!("{flag} needs a number"))?;
+    let n: usize = v.parse().with_context(|| format!("{flag} {v}"))?;
+    if n == 0 {
+        bail!("{flag} must be at least 1");
+    }
+    Ok(n)
 }
 
 fn parse_args() -> Result<Args> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut a = Args {
         quick: false,
         rounds: 3,
+        failover_trials: None,
         out: None,
         packet: true,
         lab: true,
-        pin: None,
+        failover: true,
+        xdp: DEFAULT_XDP,
+        placement: Placement::default(),
     };
     let mut rounds = None;
+    let mut pin = false;
+    let mut client_cpu = None;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => a.quick = true,
-            "--rounds" => {
-                let v = it.next().context("--rounds needs a number")?;
-                let n: usize = v.parse().with_context(|| format!("--rounds {v}"))?;
-                if n == 0 {
-                    bail!("--rounds must be at least 1");
-                }
-                rounds = Some(n);
+            "--rounds" => rounds = Some(parse_count("--rounds", it.next())?),
+            "--failover-trials" => {
+                a.failover_trials = Some(parse_count("--failover-trials", it.next())?)
             }
             "--out" => a.out = Some(PathBuf::from(it.next().context("--out needs a directory")?)),
-            "--only" => match it.next().as_deref() {
-                Some("packet") => a.lab = false,
-                Some("lab") => a.packet = false,
-                other => bail!("--only packet|lab, not {other:?}"),
-            },
-            "--pin" => a.pin = Some(true),
-            "--no-pin" => a.pin = Some(false),
+            "--only" => {
+                let part = it.next();
+                a.packet = part.as_deref() == Some("packet");
+                a.lab = part.as_deref() == Some("lab");
+                a.failover = part.as_deref() == Some("failover");
+                if !(a.packet || a.lab || a.failover) {
+                    bail!("--only packet|lab|failover, not {part:?}");
+                }
+            }
+            "--xdp-mode" => {
+                let v = it.next();
+                a.xdp = v
+                    .as_deref()
+                    .and_then(LabXdp::parse)
+                    .with_context(|| format!("--xdp-mode native|generic, not {v:?}"))?;
+            }
+            "--client-cpu" => {
+                let v = it.next().context("--client-cpu needs a CPU number")?;
+                let n: usize = v.parse().with_context(|| format!("--client-cpu {v}"))?;
+                if n >= cpus {
+                    bail!("--client-cpu {n}: this machine has CPUs 0 to {}", cpus - 1);
+                }
+                client_cpu = Some(n);
+            }
+            "--pin" => pin = true,
+            "--no-pin" => pin = false,
             "-h" | "--help" => {
                 println!(
-                    "usage: bench [--quick] [--rounds N] [--out DIR] [--only packet|lab] [--pin|--no-pin]"
+                    "usage: bench [--quick] [--rounds N] [--failover-trials N] [--out DIR] \
+                     [--only packet|lab|failover] [--xdp-mode generic|native] [--client-cpu N] \
+                     [--pin|--no-pin]"
                 );
                 std::process::exit(0);
             }
@@ -88,6 +139,12 @@ fn parse_args() -> Result<Args> {
         }
     }
     a.rounds = rounds.unwrap_or(if a.quick { 1 } else { 5 });
+    if pin {
+        a.placement = Placement::split(cpus).context("--pin needs at least 2 CPUs")?;
+    }
+    if let Some(n) = client_cpu {
+        a.placement.client = Some(n.to_string());
+    }
     Ok(a)
 }
 
@@ -161,7 +218,8 @@ fn bench() -> Result<()> {
             LabPlan {
                 rounds: args.rounds,
                 quick: args.quick,
-                pin: args.pin.unwrap_or(false),
+                xdp: args.xdp,
+                placement: args.placement.clone(),
             },
             &interrupted,
         )?)
@@ -169,7 +227,27 @@ fn bench() -> Result<()> {
         None
     };
     let summary = lab.as_ref().map(report::summarize);
-    let failover = failover::measure(args.quick);
+    if interrupted() {
+        bail!("interrupted");
+    }
+
+    let failover = if args.failover {
+        let mut plan = if args.quick {
+            FailoverPlan::quick(args.xdp)
+        } else {
+            FailoverPlan::full(args.xdp)
+        };
+        if let Some(n) = args.failover_trials {
+            plan.trials = n;
+        }
+        println!(
+            "\n== Failover ({} hard node loss(es) per setup, client writing through the VIP every 2 ms) ==",
+            plan.trials
+        );
+        FailoverStatus::Measured(failover::measure(plan, &interrupted)?)
+    } else {
+        FailoverStatus::NotRun
+    };
 
     let input = ReportInput {
         quick: args.quick,
@@ -181,7 +259,7 @@ fn bench() -> Result<()> {
         failover: &failover,
         chart_file: "chart.svg",
     };
-    let json = report::to_json(packet.as_ref(), lab.as_ref());
+    let json = report::to_json(packet.as_ref(), lab.as_ref(), &failover);
     report::write_all(&out, &input, &json)?;
 
     if let Some(s) = &summary {
@@ -196,11 +274,27 @@ fn bench() -> Result<()> {
         println!();
         print!("{}", report::targets_table(s, packet.as_ref()));
     }
-    println!("\n{}", failover.summary());
+    if args.failover {
+        println!("\n== Failover: client-observed longest gap per hard node loss ==\n");
+    }
+    print!("{}", failover.summary());
     println!(
         "\nReport: {}\nChart:  {}",
         out.join("REPORT.md").display(),
         out.join("chart.svg").display()
     );
+    if let FailoverStatus::Measured(r) = &failover {
+        if !r.complete() {
+            let errors: Vec<String> = r
+                .setups
+                .iter()
+                .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.setup.name())))
+                .collect();
+            bail!(
+                "failover measurement incomplete (report written):\n{}",
+                errors.join("\n")
+            );
+        }
+    }
     Ok(())
 }
