@@ -2,11 +2,11 @@
 //! running until SIGTERM or SIGINT, and takes it down again.
 //!
 //! Every change to the node is held by a guard ([`PinDir`], [`SysctlGuard`],
-//! [`VipGuard`], [`DataPlane`]), so a failure half-way through startup, a
-//! signal during startup, or a normal stop all undo exactly what was done,
-//! in reverse order. The XDP link is pinned last: its pin
-//! (`<pin_dir>/v<LAYOUT_VERSION>/xdp_link`) is the "data plane ready"
-//! signal.
+//! [`VipGuard`], [`DataPlane`], the admin socket in [`Admin`]), so a
+//! failure half-way through startup, a signal during startup, or a normal
+//! stop all undo exactly what was done, in reverse order. The XDP link is
+//! pinned last: its pin (`<pin_dir>/v<LAYOUT_VERSION>/xdp_link`) is the
+//! "data plane ready" signal.
 //!
 //! Two modes. Static (no `[vrrp]`): `[dataplane] active` decides once
 //! whether this node holds the VIPs. Election (`[vrrp]`): services start
@@ -14,11 +14,17 @@
 //! the [`Election`] adds/removes the VIPs and flips the active flag. On
 //! SIGTERM/SIGINT the election stops first (a master sends priority 0,
 //! clears the flag, removes the VIPs), then the data plane comes down.
+//!
+//! The admin interface ([`crate::admin`]) binds its socket and metrics
+//! port before anything else changes on the node (another live agent on
+//! the socket, or a port in use, is a startup error) and answers once the
+//! election runs; it goes first when the agent stops.
 
 use std::{
     collections::HashSet,
     net::{Ipv4Addr, SocketAddrV4},
     sync::{Arc, Mutex},
+    time::SystemTime,
 };
 
 use aya_log::EbpfLogger;
@@ -31,6 +37,10 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    admin::{
+        status::{AgentFacts, NodeInfo},
+        Admin, AdminError, AdminListeners, AgentStatus, ElectionHandles,
+    },
     config::Config,
     conntrack::{self, FlowTimeouts},
     dataplane::{
@@ -41,11 +51,12 @@ use crate::{
     flow_reset::{self, FlowReset, FlowResetError},
     health::{
         monitor::{self, MonitoredService},
-        Checker, PasswordError,
+        Checker, HealthReport, PasswordError,
     },
     neighbour,
     netlink::{self, Netlink, NetlinkError, VipGuard},
     pins::{self, PinDir, PinDirError},
+    stats::PinnedMaps,
     sysctl::{SysctlError, SysctlGuard},
 };
 
@@ -69,6 +80,8 @@ pub enum AgentError {
     Password(#[from] PasswordError),
     #[error("cannot reset flows of failed backends")]
     FlowReset(#[from] FlowResetError),
+    #[error("cannot start the admin interface")]
+    Admin(#[from] AdminError),
 }
 
 /// SIGTERM and SIGINT.
@@ -103,11 +116,12 @@ impl Drop for Task {
 }
 
 /// The running data plane. Fields drop in declaration order: the election
-/// stops (releasing the VIPs), tasks stop, the program is detached and
-/// unpinned, the pin directory goes, static VIPs are removed, sysctls
-/// restored.
+/// stops (releasing the VIPs), the admin interface stops and its socket
+/// goes, tasks stop, the program is detached and unpinned, the pin
+/// directory goes, static VIPs are removed, sysctls restored.
 struct Running {
     election: Option<Election>,
+    _admin: Admin,
     _tasks: Vec<Task>,
     services: Arc<Mutex<ServiceTable>>,
     _dataplane: DataPlane,
@@ -144,9 +158,10 @@ impl Running {
 
 /// Runs the agent with a validated `config` until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), AgentError> {
+    let started_at = SystemTime::now();
     let mut signals = StopSignals::new()?;
     let running = tokio::select! {
-        running = start(&config) => running?,
+        running = start(&config, started_at) => running?,
         signal = signals.recv() => {
             info!(signal, "stopping before the data plane was ready");
             return Ok(());
@@ -166,11 +181,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     Ok(())
 }
 
-async fn start(config: &Config) -> Result<Running, AgentError> {
+async fn start(config: &Config, started_at: SystemTime) -> Result<Running, AgentError> {
     let dp = &config.dataplane;
     let interface = config.node.interface.as_str();
     let ifindex = netlink::interface_index(interface)?;
     let netlink = Netlink::connect()?;
+    // Before anything changes on the node: refuses to start next to a live
+    // agent on the same socket, or with the metrics port taken.
+    let admin = AdminListeners::bind(&config.admin).await?;
 
     pins::ensure_bpffs(&dp.pin_dir)?;
     let pins = PinDir::create(&dp.pin_dir)?;
@@ -223,6 +241,9 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
 
     let mode = dataplane.attach(ifindex, dp.xdp_mode)?;
     dataplane.pin_maps(pins.dir())?;
+    // The admin interface reads the maps through their pins, as
+    // `balancer stats` does.
+    let maps = PinnedMaps::open(&dp.pin_dir).map_err(AdminError::from)?;
 
     let services = Arc::new(Mutex::new(dataplane.take_service_table(entries)?));
     let table = dataplane.take_conntrack()?;
@@ -247,12 +268,14 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
     let checker = Checker::from_config(&config.health)?;
     let (has_ready_backend, mut has_ready_backend_rx) = watch::channel(false);
     has_ready_backend_rx.mark_unchanged();
+    let (health_report, health_report_rx) = watch::channel(HealthReport::default());
     tasks.push(Task(tokio::spawn(monitor::run(
         MonitoredService::from_config(&config.services, is_local),
         checker,
         &config.health,
         Arc::clone(&services),
         has_ready_backend,
+        health_report,
         move |left| resets.request(left.service_id, left.backend),
     ))));
     // Announce readiness only once the first checks set the READY sets
@@ -264,10 +287,12 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
     {
         warn!(after = ?first_sets, "the first health checks have not finished; starting anyway");
     }
+    let (conntrack_entries, conntrack_entries_rx) = watch::channel(0);
     tasks.push(Task(tokio::spawn(conntrack::run_sweeper(
         table,
         timeouts,
         max_entries,
+        conntrack_entries,
     ))));
     if let Some(logger) = logger {
         tasks.push(Task(tokio::spawn(forward_logs(logger))));
@@ -293,8 +318,43 @@ async fn start(config: &Config) -> Result<Running, AgentError> {
         None => None,
     };
 
+    let admin = admin.serve(AgentStatus {
+        facts: AgentFacts {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            started_at,
+            node: NodeInfo {
+                name: nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "unknown".to_string()),
+                address: config.node.address,
+                interface: interface.to_string(),
+                ifindex,
+                xdp_mode: mode.to_string(),
+            },
+        },
+        election: match (&election, &config.vrrp) {
+            (Some(election), Some(vrrp)) => Some(ElectionHandles {
+                vrid: vrrp.vrid,
+                version: vrrp.version.number(),
+                configured_priority: vrrp.priority,
+                no_ready_backend_weight: vrrp.no_ready_backend_weight,
+                status: election.status(),
+                counters: election.counters(),
+            }),
+            _ => None,
+        },
+        health: health_report_rx,
+        conntrack_entries: conntrack_entries_rx,
+        maps,
+        netlink: netlink.clone(),
+        ifindex,
+        vips: config.vips(),
+    });
+
     Ok(Running {
         election,
+        _admin: admin,
         _tasks: tasks,
         services,
         _dataplane: dataplane,

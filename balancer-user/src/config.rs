@@ -17,6 +17,9 @@
 //! vip = "198.18.0.100"
 //! port = 6380
 //! backends = ["198.18.0.1:6380", "198.18.0.2:6380"]
+//! [admin]                 # optional: these are the defaults
+//! socket = "/run/balancer/balancer.sock"
+//! metrics_listen = "127.0.0.1:9638"   # or "off"
 //! ```
 //!
 //! [`validate`]: ConfigFile::validate
@@ -24,7 +27,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -74,6 +77,10 @@ pub struct ConfigFile {
     /// The services (`[[service]]` tables). Required: 1 to 64 of them.
     #[serde(default)]
     pub service: Vec<ServiceSection>,
+    /// The admin interface (`balancer status`, Prometheus metrics).
+    /// Default: every field at its default.
+    #[serde(default)]
+    pub admin: AdminSection,
 }
 
 /// `[node]`.
@@ -170,6 +177,64 @@ pub struct ServiceSection {
     pub backends: Vec<String>,
 }
 
+/// Default `[admin] socket`.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/balancer/balancer.sock";
+/// Default `[admin] metrics_listen`.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9638";
+/// The `[admin] metrics_listen` value that turns the metrics endpoint off.
+pub const METRICS_OFF: &str = "off";
+/// Longest unix socket path: `sun_path` holds 108 bytes with the final NUL.
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
+
+/// `[admin]`: how an operator reaches the running agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Absolute path of the unix socket `balancer status` talks to (mode
+    /// 0600, so root only; a missing directory is created with mode 0700).
+    /// Default `"/run/balancer/balancer.sock"`.
+    #[serde(default = "default_admin_socket")]
+    pub socket: PathBuf,
+    /// `address:port` the Prometheus endpoint (`GET /metrics`) listens on,
+    /// or `"off"` for none. Default `"127.0.0.1:9638"`.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            socket: default_admin_socket(),
+            metrics_listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_ADMIN_SOCKET)
+}
+fn default_metrics_listen() -> String {
+    DEFAULT_METRICS_LISTEN.to_string()
+}
+
+/// Validated `[admin]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// The admin socket's path (absolute).
+    pub socket: PathBuf,
+    /// Where the Prometheus endpoint listens; `None` = off.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            socket: default_admin_socket(),
+            metrics_listen: DEFAULT_METRICS_LISTEN.parse().ok(),
+        }
+    }
+}
+
 /// `[dataplane] xdp_mode`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -204,6 +269,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// In file order; a service's index is its id in the data plane.
     pub services: Vec<ServiceConfig>,
+    /// The admin socket and the metrics endpoint.
+    pub admin: Admin,
 }
 
 impl Config {
@@ -466,6 +533,7 @@ impl ConfigFile {
     pub fn validate(&self) -> Result<Config, FieldError> {
         let node = self.node.validate()?;
         let dataplane = self.dataplane.validate()?;
+        let admin = self.admin.validate()?;
         let vrrp = match &self.vrrp {
             Some(section) => {
                 if self.dataplane.active.is_some() {
@@ -545,6 +613,60 @@ impl ConfigFile {
             vrrp,
             health: self.health.clone(),
             services,
+            admin,
+        })
+    }
+}
+
+impl AdminSection {
+    fn validate(&self) -> Result<Admin, FieldError> {
+        let socket = &self.socket;
+        if !socket.is_absolute() {
+            return Err(field_error(
+                "admin.socket",
+                format!("{socket:?} is not an absolute path"),
+            ));
+        }
+        if socket.parent().is_none() || socket.file_name().is_none() {
+            return Err(field_error(
+                "admin.socket",
+                format!("{socket:?} does not name a file"),
+            ));
+        }
+        let len = socket.as_os_str().len();
+        if len > MAX_SOCKET_PATH_LEN {
+            return Err(field_error(
+                "admin.socket",
+                format!(
+                    "{socket:?} is {len} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH_LEN}"
+                ),
+            ));
+        }
+        let text = self.metrics_listen.trim();
+        let metrics_listen = if text == METRICS_OFF {
+            None
+        } else {
+            let addr: SocketAddr = text.parse().map_err(|_| {
+                field_error(
+                    "admin.metrics_listen",
+                    format!(
+                        "{:?} is not an address:port such as \"{DEFAULT_METRICS_LISTEN}\" \
+                         (\"{METRICS_OFF}\" turns the endpoint off)",
+                        self.metrics_listen
+                    ),
+                )
+            })?;
+            if addr.port() == 0 {
+                return Err(field_error(
+                    "admin.metrics_listen",
+                    format!("{addr} has port 0: Prometheus needs a fixed port"),
+                ));
+            }
+            Some(addr)
+        };
+        Ok(Admin {
+            socket: socket.clone(),
+            metrics_listen,
         })
     }
 }
@@ -1382,6 +1504,88 @@ backends = ["198.18.0.1:6380"]
             text.replacen(&header, &format!("{header}{line}\n"), 1)
         } else {
             format!("{text}{header}{line}\n")
+        }
+    }
+
+    #[test]
+    fn admin_defaults() {
+        let c = parse(MINIMAL, "b.toml").unwrap();
+        assert_eq!(c.admin, Admin::default());
+        assert_eq!(c.admin.socket, PathBuf::from("/run/balancer/balancer.sock"));
+        assert_eq!(
+            c.admin.metrics_listen,
+            Some("127.0.0.1:9638".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn admin_section_parses_every_field() {
+        let c = parse(
+            &with(
+                "admin",
+                "socket = \"/run/balancer-n1/admin.sock\"\nmetrics_listen = \"198.18.0.1:9100\"",
+            ),
+            "b.toml",
+        )
+        .unwrap();
+        assert_eq!(c.admin.socket, PathBuf::from("/run/balancer-n1/admin.sock"));
+        assert_eq!(
+            c.admin.metrics_listen,
+            Some("198.18.0.1:9100".parse().unwrap())
+        );
+        let v6 = parse(&with("admin", "metrics_listen = \"[::1]:9638\""), "b.toml").unwrap();
+        assert_eq!(v6.admin.metrics_listen, Some("[::1]:9638".parse().unwrap()));
+    }
+
+    #[test]
+    fn metrics_can_be_turned_off() {
+        let c = parse(&with("admin", "metrics_listen = \"off\""), "b.toml").unwrap();
+        assert_eq!(c.admin.metrics_listen, None);
+        assert_eq!(c.admin.socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    }
+
+    #[test]
+    fn admin_fields_are_named_in_errors() {
+        let long = format!("/run/{}/balancer.sock", "x".repeat(100));
+        let cases: Vec<(String, &str)> = vec![
+            ("socket = \"balancer.sock\"".into(), "admin.socket"),
+            ("socket = \"/\"".into(), "admin.socket"),
+            (format!("socket = {long:?}"), "admin.socket"),
+            ("metrics_listen = \"\"".into(), "admin.metrics_listen"),
+            ("metrics_listen = \"9638\"".into(), "admin.metrics_listen"),
+            (
+                "metrics_listen = \"localhost:9638\"".into(),
+                "admin.metrics_listen",
+            ),
+            (
+                "metrics_listen = \"127.0.0.1\"".into(),
+                "admin.metrics_listen",
+            ),
+            (
+                "metrics_listen = \"127.0.0.1:0\"".into(),
+                "admin.metrics_listen",
+            ),
+            ("metrics_listen = \"Off\"".into(), "admin.metrics_listen"),
+        ];
+        for (line, field) in cases {
+            let err = invalid(&with("admin", &line));
+            assert_eq!(err.field, field, "{err} for {line:?}");
+            assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
+        }
+        // The hint tells how to turn the endpoint off.
+        let err = invalid(&with("admin", "metrics_listen = \"\""));
+        assert!(err.message.contains("\"off\""), "{err}");
+    }
+
+    #[test]
+    fn admin_unknown_field_and_wrong_type_are_parse_errors() {
+        for line in [
+            "sock = \"/run/b.sock\"",
+            "metrics_listen = 9638",
+            "metrics = false",
+        ] {
+            let err = parse(&with("admin", line), "b.toml").unwrap_err();
+            assert!(matches!(err, ConfigError::Parse { .. }), "{line}: {err}");
         }
     }
 

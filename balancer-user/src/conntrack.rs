@@ -344,11 +344,14 @@ pub fn purge_backends(
     report
 }
 
-/// Sweeps `table` every [`SWEEP_INTERVAL`] until the task is aborted.
+/// Sweeps `table` every [`SWEEP_INTERVAL`] until the task is aborted;
+/// after each sweep, `entries` is the number of entries it left (the table
+/// starts empty, so 0 before the first).
 pub async fn run_sweeper(
     table: HashMap<MapData, FlowKey, FlowEntry>,
     timeouts: FlowTimeouts,
     max_entries: usize,
+    entries: tokio::sync::watch::Sender<usize>,
 ) {
     let mut interval = tokio::time::interval(SWEEP_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -365,6 +368,7 @@ pub async fn run_sweeper(
         match joined {
             Ok((t, report)) => {
                 table = Some(t);
+                entries.send_replace(report.entries.saturating_sub(report.deleted));
                 if report.deleted > 0 {
                     info!(
                         entries = report.entries,

@@ -44,7 +44,7 @@ use std::{
     net::Ipv4Addr,
     sync::{atomic::Ordering, mpsc as std_mpsc, Arc, Mutex},
     thread,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use tokio::{
@@ -203,6 +203,18 @@ impl ElectionSetup {
     }
 }
 
+/// What the election is doing, for the admin interface: updated on every
+/// state change and every change of the priority the instance runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ElectionStatus {
+    pub state: State,
+    /// When `state` was entered (wall clock).
+    pub since: SystemTime,
+    /// The priority the instance runs with: the configured one, lowered by
+    /// `no_ready_backend_weight` while the node has no READY backend.
+    pub priority: u8,
+}
+
 /// The running election. Stop it with [`Election::shutdown`]; dropping it
 /// also stops it (blocking the dropping thread for up to
 /// [`SHUTDOWN_TIMEOUT`]).
@@ -212,6 +224,7 @@ pub struct Election {
     done: Option<std_mpsc::Receiver<()>>,
     thread: Option<thread::JoinHandle<()>>,
     state: watch::Receiver<State>,
+    status: watch::Receiver<ElectionStatus>,
     counters: Arc<AdvertCounters>,
 }
 
@@ -230,6 +243,11 @@ impl Election {
         Instance::new(setup.instance_config(), Time::ZERO)?;
         let counters = Arc::new(AdvertCounters::default());
         let (state_tx, state) = watch::channel(State::Initialize);
+        let (status_tx, status) = watch::channel(ElectionStatus {
+            state: State::Initialize,
+            since: SystemTime::now(),
+            priority: setup.vrrp.priority,
+        });
         let (stop, stop_rx) = oneshot::channel();
         let (started_tx, started_rx) = oneshot::channel();
         let (done_tx, done) = std_mpsc::channel();
@@ -249,6 +267,7 @@ impl Election {
                     stop: stop_rx,
                     started: started_tx,
                     state: state_tx,
+                    status: status_tx,
                     counters: thread_counters,
                     notifier,
                 });
@@ -260,6 +279,7 @@ impl Election {
             done: Some(done),
             thread: Some(thread),
             state,
+            status,
             counters,
         };
         match started_rx.await {
@@ -278,6 +298,12 @@ impl Election {
     /// The current state, updated on every change.
     pub fn state(&self) -> watch::Receiver<State> {
         self.state.clone()
+    }
+
+    /// State, since when, and the priority in effect, updated on every
+    /// change.
+    pub fn status(&self) -> watch::Receiver<ElectionStatus> {
+        self.status.clone()
     }
 
     /// Advert counters (sent, received, dropped by reason).
@@ -351,6 +377,7 @@ struct ElectionThread<F: ActiveFlag> {
     stop: oneshot::Receiver<()>,
     started: oneshot::Sender<Result<(), ElectionError>>,
     state: watch::Sender<State>,
+    status: watch::Sender<ElectionStatus>,
     counters: Arc<AdvertCounters>,
     notifier: Option<Notifier>,
 }
@@ -387,17 +414,27 @@ fn election_thread<F: ActiveFlag>(args: ElectionThread<F>) {
             stop,
             started,
             state,
+            status,
             counters,
             notifier,
         } = args;
-        let runner =
-            match Runner::open(setup, flag, has_ready_backend, state, counters, notifier).await {
-                Ok(runner) => runner,
-                Err(error) => {
-                    let _ = started.send(Err(error));
-                    return;
-                }
-            };
+        let runner = match Runner::open(
+            setup,
+            flag,
+            has_ready_backend,
+            state,
+            status,
+            counters,
+            notifier,
+        )
+        .await
+        {
+            Ok(runner) => runner,
+            Err(error) => {
+                let _ = started.send(Err(error));
+                return;
+            }
+        };
         runner.run(stop, started).await;
     });
 }
@@ -487,6 +524,7 @@ struct Runner<F: ActiveFlag> {
     flag: Arc<Mutex<F>>,
     has_ready_backend: Option<watch::Receiver<bool>>,
     state: watch::Sender<State>,
+    status: watch::Sender<ElectionStatus>,
     counters: Arc<AdvertCounters>,
     notifier: Option<Notifier>,
     link_up: bool,
@@ -506,6 +544,7 @@ impl<F: ActiveFlag> Runner<F> {
         flag: Arc<Mutex<F>>,
         has_ready_backend: watch::Receiver<bool>,
         state: watch::Sender<State>,
+        status: watch::Sender<ElectionStatus>,
         counters: Arc<AdvertCounters>,
         notifier: Option<Notifier>,
     ) -> Result<Runner<F>, ElectionError> {
@@ -543,6 +582,7 @@ impl<F: ActiveFlag> Runner<F> {
             flag,
             has_ready_backend: Some(has_ready_backend),
             state,
+            status,
             counters,
             notifier,
             link_up,
@@ -571,6 +611,16 @@ impl<F: ActiveFlag> Runner<F> {
         )
     }
 
+    /// Runs the instance with `priority` from now on.
+    async fn set_priority(&mut self, priority: u8) {
+        self.status.send_if_modified(|s| {
+            let changed = s.priority != priority;
+            s.priority = priority;
+            changed
+        });
+        self.input(Input::PriorityChanged(priority)).await;
+    }
+
     async fn run(
         mut self,
         mut stop: oneshot::Receiver<()>,
@@ -593,7 +643,7 @@ impl<F: ActiveFlag> Runner<F> {
             link_up = self.link_up,
             "starting the VRRP election"
         );
-        self.input(Input::PriorityChanged(priority)).await;
+        self.set_priority(priority).await;
         if !self.link_up {
             self.input(Input::InterfaceDown).await;
         }
@@ -651,7 +701,7 @@ impl<F: ActiveFlag> Runner<F> {
                 }
                 Event::Health(Some(ready)) => {
                     let priority = self.effective_priority(ready);
-                    self.input(Input::PriorityChanged(priority)).await;
+                    self.set_priority(priority).await;
                 }
                 Event::Health(None) => {
                     debug!(
@@ -692,6 +742,12 @@ impl<F: ActiveFlag> Runner<F> {
         match action {
             Action::StateChanged { old, new } => {
                 // The instance logs the change itself (vrid, old, new).
+                // The status first: whoever sees the new state sees it too.
+                let since = SystemTime::now();
+                self.status.send_modify(|s| {
+                    s.state = new;
+                    s.since = since;
+                });
                 self.state.send_replace(new);
                 if let Some(notifier) = &self.notifier {
                     notifier.notify(new);

@@ -10,8 +10,10 @@
 //! Election: [`vrrp`] (the pure protocol: packets and state machine),
 //! [`election`] (its runtime: timers, interface, VIPs, active flag),
 //! [`vrrp_socket`] (adverts on the wire), [`garp`] (gratuitous ARP) and
-//! [`notify`] (the notify command). Health: [`health`].
+//! [`notify`] (the notify command). Health: [`health`]. Operators:
+//! [`admin`] (`balancer status` over a unix socket, Prometheus metrics).
 
+pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod conntrack;

@@ -3,7 +3,11 @@
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
-use balancer_user::{agent, config, stats::Snapshot};
+use balancer_user::{
+    admin::{client, protocol::Request, status::render_text},
+    agent, config,
+    stats::Snapshot,
+};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -30,6 +34,16 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Ask the running agent how it is: election, VIPs, backends' health,
+    /// traffic.
+    Status {
+        /// The agent's `[admin] socket`.
+        #[arg(long, value_name = "PATH", default_value = config::DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+        /// Print the agent's JSON document as it sent it.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -47,6 +61,7 @@ fn main() -> ExitCode {
         Command::Stats { pin_dir } => Snapshot::read(&pin_dir)
             .map(|snapshot| print!("{}", snapshot.render()))
             .map_err(Into::into),
+        Command::Status { socket, json } => status(&socket, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,6 +70,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn status(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    if json {
+        // As sent, also by an agent of another version.
+        let raw = client::request(socket, Request::Status, client::DEFAULT_TIMEOUT)?;
+        println!("{raw}");
+        return Ok(());
+    }
+    let (_, status) = client::status(socket, client::DEFAULT_TIMEOUT)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    print!("{}", render_text(&status, now));
+    Ok(())
 }
 
 fn run(config_path: PathBuf) -> anyhow::Result<()> {

@@ -2,8 +2,11 @@
 //! per-service and per-backend traffic, the verdict counters and the size of
 //! the conntrack table, for an operator.
 //!
-//! Reading ([`Snapshot::read`]) and printing ([`Snapshot::render`]) are
-//! separate so the table layout is tested without a kernel.
+//! Reading ([`Snapshot::read`], or [`PinnedMaps`] opened once and read many
+//! times, as the agent's admin interface does) and printing
+//! ([`Snapshot::render`]) are separate so the table layout is tested
+//! without a kernel. The same [`Snapshot`] feeds `balancer stats`,
+//! `balancer status` and the metrics endpoint.
 
 use std::{
     fmt::Write as _,
@@ -63,7 +66,25 @@ pub struct Snapshot {
     pub services: Vec<ServiceRow>,
     /// `(name, value)` of every counter slot, in slot order.
     pub counters: Vec<(&'static str, u64)>,
-    pub conntrack_entries: usize,
+    /// Entries in the conntrack table (two per NATed flow); `None` when not
+    /// counted ([`PinnedMaps::traffic`]).
+    pub conntrack_entries: Option<usize>,
+}
+
+/// The data plane's maps, opened from their pins once: every
+/// [`PinnedMaps::traffic`] reads them anew.
+pub struct PinnedMaps {
+    services: HashMap<MapData, ServiceKey, Service>,
+    service_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuArray<MapData, TrafficStats>,
+    counters: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, FlowKey, FlowEntry>,
+}
+
+impl std::fmt::Debug for PinnedMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedMaps").finish_non_exhaustive()
+    }
 }
 
 fn open(dir: &Path, name: &'static str) -> Result<Map, StatsError> {
@@ -91,30 +112,35 @@ fn port(be: u16) -> u16 {
     u16::from_be_bytes(be.to_ne_bytes())
 }
 
-impl Snapshot {
-    /// Reads the maps pinned under `<pin_dir>/v<LAYOUT_VERSION>/`.
-    pub fn read(pin_dir: &Path) -> Result<Snapshot, StatsError> {
+impl PinnedMaps {
+    /// Opens the maps pinned under `<pin_dir>/v<LAYOUT_VERSION>/`.
+    pub fn open(pin_dir: &Path) -> Result<PinnedMaps, StatsError> {
         let dir = versioned_dir(pin_dir);
         let read_err = |name| move |source| StatsError::Read { name, source };
+        Ok(PinnedMaps {
+            services: HashMap::try_from(open(&dir, names::SERVICES)?)
+                .map_err(read_err(names::SERVICES))?,
+            service_stats: PerCpuArray::try_from(open(&dir, names::SERVICE_STATS)?)
+                .map_err(read_err(names::SERVICE_STATS))?,
+            backend_stats: PerCpuArray::try_from(open(&dir, names::BACKEND_STATS)?)
+                .map_err(read_err(names::BACKEND_STATS))?,
+            counters: PerCpuArray::try_from(open(&dir, names::COUNTERS)?)
+                .map_err(read_err(names::COUNTERS))?,
+            conntrack: HashMap::try_from(open(&dir, names::CONNTRACK)?)
+                .map_err(read_err(names::CONNTRACK))?,
+        })
+    }
 
-        let services: HashMap<MapData, ServiceKey, Service> =
-            HashMap::try_from(open(&dir, names::SERVICES)?).map_err(read_err(names::SERVICES))?;
-        let service_stats: PerCpuArray<MapData, TrafficStats> =
-            PerCpuArray::try_from(open(&dir, names::SERVICE_STATS)?)
-                .map_err(read_err(names::SERVICE_STATS))?;
-        let backend_stats: PerCpuArray<MapData, TrafficStats> =
-            PerCpuArray::try_from(open(&dir, names::BACKEND_STATS)?)
-                .map_err(read_err(names::BACKEND_STATS))?;
-        let counters: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(open(&dir, names::COUNTERS)?)
-                .map_err(read_err(names::COUNTERS))?;
-        let conntrack: HashMap<MapData, FlowKey, FlowEntry> =
-            HashMap::try_from(open(&dir, names::CONNTRACK)?).map_err(read_err(names::CONNTRACK))?;
-
+    /// Services, backends and counters, without counting the conntrack
+    /// table (`conntrack_entries` is `None`): a few dozen map lookups,
+    /// cheap enough for every scrape.
+    pub fn traffic(&self) -> Result<Snapshot, StatsError> {
+        let read_err = |name| move |source| StatsError::Read { name, source };
         let mut rows = Vec::new();
-        for item in services.iter() {
+        for item in self.services.iter() {
             let (key, value) = item.map_err(read_err(names::SERVICES))?;
-            let traffic = sum(&service_stats
+            let traffic = sum(&self
+                .service_stats
                 .get(&value.id, 0)
                 .map_err(read_err(names::SERVICE_STATS))?);
             let ready = &value.ready[..(value.ready_count as usize).min(value.ready.len())];
@@ -126,7 +152,8 @@ impl Snapshot {
                     addr: SocketAddrV4::new(ipv4(b.addr), port(b.port)),
                     local: b.flags & BACKEND_LOCAL != 0,
                     ready: ready.contains(&(slot as u8)),
-                    traffic: sum(&backend_stats
+                    traffic: sum(&self
+                        .backend_stats
                         .get(&index, 0)
                         .map_err(read_err(names::BACKEND_STATS))?),
                 });
@@ -143,20 +170,44 @@ impl Snapshot {
 
         let mut counter_values = Vec::new();
         for (slot, name) in counter::NAMES.iter().enumerate() {
-            let values = counters
+            let values = self
+                .counters
                 .get(&(slot as u32), 0)
                 .map_err(read_err(names::COUNTERS))?;
             let total = values.iter().fold(0u64, |a, v| a.wrapping_add(*v));
             counter_values.push((*name, total));
         }
 
-        let conntrack_entries = conntrack.keys().filter(|k| k.is_ok()).count();
-
         Ok(Snapshot {
             services: rows,
             counters: counter_values,
-            conntrack_entries,
+            conntrack_entries: None,
         })
+    }
+
+    /// Entries in the conntrack table now: walks the whole table, one
+    /// syscall per entry.
+    pub fn conntrack_entries(&self) -> usize {
+        self.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+}
+
+impl Snapshot {
+    /// Reads the maps pinned under `<pin_dir>/v<LAYOUT_VERSION>/`, the
+    /// conntrack table counted.
+    pub fn read(pin_dir: &Path) -> Result<Snapshot, StatsError> {
+        let maps = PinnedMaps::open(pin_dir)?;
+        let mut snapshot = maps.traffic()?;
+        snapshot.conntrack_entries = Some(maps.conntrack_entries());
+        Ok(snapshot)
+    }
+
+    /// The value of the counter `name` (0 when there is no such slot).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, v)| *v)
     }
 
     /// The operator's table.
@@ -209,8 +260,10 @@ impl Snapshot {
         for (name, value) in nonzero {
             let _ = writeln!(out, "  {name:<24} {value:>16}");
         }
-        let _ = writeln!(out);
-        let _ = writeln!(out, "CONNTRACK entries: {}", self.conntrack_entries);
+        if let Some(entries) = self.conntrack_entries {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "CONNTRACK entries: {entries}");
+        }
         out
     }
 }
@@ -282,7 +335,7 @@ mod tests {
                 ],
             }],
             counters: vec![("forwarded", 6), ("drop_fib", 0)],
-            conntrack_entries: 2,
+            conntrack_entries: Some(2),
         };
         let text = snap.render();
         let lines: Vec<&str> = text.lines().collect();
@@ -294,5 +347,13 @@ mod tests {
         assert!(text.contains("forwarded"));
         assert!(!text.contains("drop_fib"));
         assert!(text.contains("CONNTRACK entries: 2"));
+        assert_eq!(snap.counter("forwarded"), 6);
+        assert_eq!(snap.counter("no_such_counter"), 0);
+
+        let uncounted = Snapshot {
+            conntrack_entries: None,
+            ..snap
+        };
+        assert!(!uncounted.render().contains("CONNTRACK"));
     }
 }

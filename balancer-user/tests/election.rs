@@ -26,7 +26,7 @@ use anyhow::{bail, ensure, Context, Result};
 use balancer_user::{
     config::Vrrp,
     dataplane::DataPlaneError,
-    election::{ActiveFlag, Election, ElectionSetup},
+    election::{ActiveFlag, Election, ElectionSetup, ElectionStatus},
     vrrp::{packet, Auth, State, V3Checksum, Version},
     vrrp_socket::{parse_ipv4, AdvertCounters},
 };
@@ -190,6 +190,7 @@ impl Lan {
 /// One running election in a namespace.
 struct Node {
     state: watch::Receiver<State>,
+    status: watch::Receiver<ElectionStatus>,
     flag: Arc<Mutex<Recorder>>,
     counters: Arc<AdvertCounters>,
     health: watch::Sender<bool>,
@@ -213,6 +214,7 @@ impl Node {
                     Ok(election) => {
                         let _ = started_tx.send(Ok((
                             election.state(),
+                            election.status(),
                             flag,
                             election.counters(),
                             health,
@@ -226,12 +228,13 @@ impl Node {
                 }
             });
         })?;
-        let (state, flag, counters, health) = started_rx
+        let (state, status, flag, counters, health) = started_rx
             .recv_timeout(DEADLINE)
             .context("election did not start")?
             .map_err(anyhow::Error::msg)?;
         Ok(Node {
             state,
+            status,
             flag,
             counters,
             health,
@@ -242,6 +245,11 @@ impl Node {
 
     fn state(&self) -> State {
         *self.state.borrow()
+    }
+
+    /// The admin interface's view: state and the priority in effect.
+    fn status(&self) -> ElectionStatus {
+        *self.status.borrow()
     }
 
     fn active(&self) -> bool {
@@ -385,14 +393,30 @@ fn two_nodes_elect_fail_over_and_hand_over() -> Result<()> {
 
     // The health input: without a READY backend node 1 advertises
     // 200 - 150 = 50 and node 2 (100) preempts; READY again, node 1 is back.
+    let master_since = n1.status();
+    ensure!(
+        (master_since.state, master_since.priority) == (State::Master, 200),
+        "{master_since:?}"
+    );
     n1.health.send(false)?;
     wait_for("node 2 to take over from the unhealthy node 1", || {
         only_holder(&lan, &[&n1, &n2], 2)
     })?;
+    let lowered = n1.status();
+    ensure!(
+        (lowered.state, lowered.priority) == (State::Backup, 50),
+        "the status shows the lowered priority: {lowered:?}"
+    );
+    ensure!(lowered.since > master_since.since, "{lowered:?}");
     n1.health.send(true)?;
     wait_for("node 1 to preempt back", || {
         only_holder(&lan, &[&n1, &n2], 1)
     })?;
+    let back = n1.status();
+    ensure!(
+        (back.state, back.priority) == (State::Master, 200),
+        "{back:?}"
+    );
 
     // Cut node 1's bridge port: node 1 goes to Fault and releases the VIP,
     // node 2 takes over after Master_Down_Interval.

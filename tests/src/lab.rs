@@ -12,6 +12,9 @@
 //! (static `[dataplane] active`, or `[vrrp]` + `[health]` for a cluster,
 //! with a notify recorder whose log [`Lab::transitions`] reads), a real
 //! keepalived ([`keepalived`]), or a fake KeyDB stuck loading ([`fake`]).
+//! Each agent gets its own admin socket in the lab's directory and its
+//! metrics endpoint on its node's lab address ([`Lab::balancer_status`],
+//! [`Lab::scrape_metrics`]).
 //! It pulls a node's cable ([`Lab::cut_link`]), tells who holds the VIP
 //! ([`Lab::vip_holders`]), reads a node's SERVICES entry
 //! ([`Lab::service_view`]), and runs a client writing through the VIP every
@@ -65,6 +68,8 @@ pub const KEYDB_PORT: u16 = 6380;
 pub const NODE_IFACE: &str = "eth0";
 /// File the agent pins its XDP link to, last, once the data plane is ready.
 pub const XDP_LINK_PIN: &str = "xdp_link";
+/// The port of every agent's metrics endpoint, on its node's lab address.
+pub const METRICS_PORT: u16 = 9638;
 
 /// How long a KeyDB server may take to answer PING after starting.
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -142,6 +147,13 @@ pub struct AgentConfig {
     pub vrrp: Option<VrrpSection>,
     /// `[health]`: the health monitor decides which backends serve.
     pub health: Option<HealthSection>,
+    /// `[admin] socket`. [`Lab::start_agent`] fills in the node's own
+    /// ([`Lab::admin_socket`]) when `None`: agents of one lab share a
+    /// filesystem, so the default path would collide.
+    pub admin_socket: Option<PathBuf>,
+    /// `[admin] metrics_listen`. [`Lab::start_agent`] fills in the node's
+    /// lab address ([`Lab::metrics_addr`]) when `None`.
+    pub metrics_listen: Option<String>,
 }
 
 impl AgentConfig {
@@ -157,6 +169,8 @@ impl AgentConfig {
                 .collect(),
             vrrp: None,
             health: None,
+            admin_socket: None,
+            metrics_listen: None,
         }
     }
 
@@ -196,6 +210,15 @@ impl AgentConfig {
         let _ = writeln!(s, "port = {KEYDB_PORT}");
         let backends: Vec<String> = self.backends.iter().map(|b| format!("\"{b}\"")).collect();
         let _ = writeln!(s, "backends = [{}]", backends.join(", "));
+        if self.admin_socket.is_some() || self.metrics_listen.is_some() {
+            let _ = writeln!(s, "\n[admin]");
+            if let Some(socket) = &self.admin_socket {
+                let _ = writeln!(s, "socket = {:?}", socket.display().to_string());
+            }
+            if let Some(listen) = &self.metrics_listen {
+                let _ = writeln!(s, "metrics_listen = {listen:?}");
+            }
+        }
         s
     }
 }
@@ -574,6 +597,60 @@ impl Lab {
         self.dir().join(format!("n{index}-agent.toml"))
     }
 
+    /// Node `index`'s admin socket, in a directory of the lab's temp
+    /// directory that the agent creates.
+    pub fn admin_socket(&self, index: usize) -> PathBuf {
+        self.dir()
+            .join(format!("n{index}-admin"))
+            .join("balancer.sock")
+    }
+
+    /// Where node `index`'s metrics endpoint listens: its lab address.
+    pub fn metrics_addr(&self, index: usize) -> SocketAddrV4 {
+        SocketAddrV4::new(node_addr(index), METRICS_PORT)
+    }
+
+    /// `config` as node `index`'s agent gets it: the node's own admin
+    /// socket and metrics address filled in where `config` leaves them
+    /// open.
+    pub fn agent_config(&self, index: usize, config: &AgentConfig) -> AgentConfig {
+        let mut config = config.clone();
+        config
+            .admin_socket
+            .get_or_insert_with(|| self.admin_socket(index));
+        config
+            .metrics_listen
+            .get_or_insert_with(|| self.metrics_addr(index).to_string());
+        config
+    }
+
+    /// Runs `balancer status --socket <node index's socket>` (with
+    /// `--json` if asked) and returns what it printed.
+    pub fn balancer_status(&self, index: usize, json: bool) -> Result<String> {
+        let mut cmd = Command::new(balancer_bin());
+        cmd.arg("status")
+            .arg("--socket")
+            .arg(self.admin_socket(index));
+        if json {
+            cmd.arg("--json");
+        }
+        run_with_timeout(&mut cmd, Duration::from_secs(15))
+    }
+
+    /// Node `index`'s status document, parsed (`balancer status --json`).
+    pub fn status_json(&self, index: usize) -> Result<serde_json::Value> {
+        let out = self.balancer_status(index, true)?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("parse the status of node {index}: {out}"))
+    }
+
+    /// `GET /metrics` on node `index`'s endpoint, from the client's
+    /// namespace: the HTTP status code and the body.
+    pub fn scrape_metrics(&self, index: usize) -> Result<(u16, String)> {
+        let addr = SocketAddr::V4(self.metrics_addr(index));
+        self.in_client(move || http_get(addr, "/metrics", Duration::from_secs(5)))?
+    }
+
     /// Runs `f` on a thread inside the client's namespace.
     pub fn in_client<F, R>(&self, f: F) -> Result<R>
     where
@@ -673,7 +750,7 @@ impl Lab {
     /// namespace and waits until the XDP link is pinned (the data plane is
     /// ready). Fails with the agent's log if it exits or times out.
     pub fn start_agent(&mut self, index: usize, config: &AgentConfig) -> Result<()> {
-        let mut config = config.clone();
+        let mut config = self.agent_config(index, config);
         if let Some(vrrp) = config.vrrp.as_mut() {
             if vrrp.notify.is_none() {
                 vrrp.notify = Some(self.write_notify_recorder(index)?);
@@ -1200,6 +1277,34 @@ fn attach_port_xdp(switch: &Netns, ports: Vec<String>) -> Result<Ebpf> {
         }
         Ok(ebpf)
     })?
+}
+
+/// A minimal HTTP/1.1 GET of `path` from `addr` (in the calling thread's
+/// network namespace): the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connect to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reply = Vec::new();
+    stream
+        .read_to_end(&mut reply)
+        .with_context(|| format!("read the reply of {addr}"))?;
+    let reply = String::from_utf8_lossy(&reply);
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP head in the reply of {addr}: {reply:?}"))?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status code in {head:?}"))?;
+    Ok((code, body.to_string()))
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -151,6 +151,49 @@ pub enum NotReady {
 }
 
 impl NotReady {
+    /// Every [`NotReady::kind`], in a fixed order: the `reason` label of
+    /// the health-check failure counters.
+    pub const KINDS: [&'static str; 11] = [
+        "refused",
+        "timeout",
+        "socket_error",
+        "closed",
+        "auth_failed",
+        "auth_required",
+        "loading",
+        "error_reply",
+        "bad_reply",
+        "replica_link_down",
+        "replica_syncing",
+    ];
+
+    /// A short, stable snake_case name of the reason, without the
+    /// details (for metrics labels and counters).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NotReady::Refused => "refused",
+            NotReady::Timeout { .. } => "timeout",
+            NotReady::Io { .. } => "socket_error",
+            NotReady::Closed { .. } => "closed",
+            NotReady::AuthFailed { .. } => "auth_failed",
+            NotReady::AuthRequired => "auth_required",
+            NotReady::Loading { .. } | NotReady::LoadingFlag => "loading",
+            NotReady::ErrorReply { .. } => "error_reply",
+            NotReady::BadReply { .. } => "bad_reply",
+            NotReady::ReplicaLinkDown { .. } => "replica_link_down",
+            NotReady::ReplicaSyncing { .. } => "replica_syncing",
+        }
+    }
+
+    /// Position of [`NotReady::kind`] in [`NotReady::KINDS`].
+    pub fn kind_index(&self) -> usize {
+        let kind = self.kind();
+        NotReady::KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(NotReady::KINDS.len() - 1)
+    }
+
     /// The backend is loading its dataset (`-LOADING` or `loading:1`).
     pub fn is_loading(&self) -> bool {
         matches!(self, NotReady::Loading { .. } | NotReady::LoadingFlag)
@@ -521,6 +564,54 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
         }
+    }
+
+    #[test]
+    fn every_reason_has_a_listed_kind() {
+        let stage = Stage::Ping;
+        let all = [
+            NotReady::Refused,
+            NotReady::Timeout {
+                stage,
+                timeout: Duration::from_millis(100),
+            },
+            NotReady::Io {
+                stage,
+                kind: io::ErrorKind::ConnectionReset,
+                message: "reset".into(),
+            },
+            NotReady::Closed { stage },
+            NotReady::AuthFailed {
+                message: "WRONGPASS".into(),
+            },
+            NotReady::AuthRequired,
+            NotReady::Loading { stage },
+            NotReady::LoadingFlag,
+            NotReady::ErrorReply {
+                stage,
+                message: "BUSY".into(),
+            },
+            NotReady::BadReply {
+                stage,
+                detail: "got an integer".into(),
+            },
+            NotReady::ReplicaLinkDown {
+                role: Role::ActiveReplica,
+            },
+            NotReady::ReplicaSyncing {
+                role: Role::Replica,
+            },
+        ];
+        for reason in &all {
+            assert_eq!(
+                NotReady::KINDS[reason.kind_index()],
+                reason.kind(),
+                "{reason}"
+            );
+        }
+        let mut kinds: Vec<&str> = all.iter().map(NotReady::kind).collect();
+        kinds.dedup();
+        assert_eq!(kinds, NotReady::KINDS, "each kind listed once, in order");
     }
 
     #[test]

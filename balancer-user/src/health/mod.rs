@@ -19,7 +19,8 @@
 //! - [`fake`] is a RESP-speaking fake KeyDB for tests.
 //! - [`monitor`] runs it all: one check loop per backend, the sets written
 //!   to the data plane, backends that left a set handed to the flow reset,
-//!   the node's readiness published for the election.
+//!   the node's readiness published for the election, and a [`report`] of
+//!   every backend for the admin interface.
 //!
 //! Checks run in the agent's tokio runtime; everything after the probe is
 //! pure. Not here: the election priority penalty (the election reads the
@@ -32,6 +33,7 @@ pub mod fake;
 mod info;
 pub mod monitor;
 mod policy;
+pub mod report;
 mod resp;
 
 #[cfg(test)]
@@ -50,3 +52,4 @@ pub use config::{
 pub use damping::{BackendHealth, BadnessChange, Damping, Health, InitialHealth};
 pub use info::{LinkState, Role};
 pub use policy::{select_serving, Badness, Candidate};
+pub use report::{BackendReport, FailedCheck, HealthReport};

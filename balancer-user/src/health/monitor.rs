@@ -35,6 +35,11 @@
 //!   fallback (a replica with its link down) yields to one with a READY
 //!   backend. Least-bad backends keep serving; they do not count as READY.
 //!
+//! - **Report** ([`HealthReport`], on a `watch` channel): every check's
+//!   outcome, counted by reason, with the damped state and the last
+//!   failure, for `balancer status` and the metrics endpoint. Receivers are
+//!   woken only when a damped state or the node's readiness changes.
+//!
 //! Pure core ([`Core`]): damped states and sets in, writes out; the async
 //! shell ([`run`]) owns the timers, the sink and the channels.
 
@@ -43,7 +48,7 @@ use std::{
     future::Future,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use balancer_common::MAX_BACKENDS;
@@ -55,6 +60,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{
+    report::{BackendReport, HealthReport},
     select_serving, BackendHealth, Badness, BadnessChange, Candidate, HealthCheck, HealthConfig,
     InitialHealth, Probe,
 };
@@ -338,6 +344,19 @@ impl Core {
         node_ready(per_service.iter().map(Vec::as_slice))
     }
 
+    /// A report of every backend before its first check.
+    pub fn initial_report(&self) -> HealthReport {
+        HealthReport {
+            backends: self
+                .backends
+                .iter()
+                .map(|b| BackendReport::new(b.addr, b.local, b.health.badness()))
+                .collect(),
+            node_ready: false,
+            started: false,
+        }
+    }
+
     fn addresses(&self, index: usize, slots: &[u8]) -> Vec<SocketAddrV4> {
         let Some(s) = self.services.get(index) else {
             return Vec::new();
@@ -361,6 +380,8 @@ impl Core {
 /// - `sink`: the data plane's service table.
 /// - `has_ready_backend`: [`node_ready`], sent after each write that
 ///   changes it; the receiver should start at `false`.
+/// - `report`: replaced with the initial report at once, then updated
+///   after every check.
 /// - `on_leave`: called, after the write, for each backend that left a
 ///   service's set (reset its flows there).
 pub fn run<C, S, F>(
@@ -369,6 +390,7 @@ pub fn run<C, S, F>(
     cfg: &HealthConfig,
     sink: S,
     has_ready_backend: watch::Sender<bool>,
+    report: watch::Sender<HealthReport>,
     on_leave: F,
 ) -> impl Future<Output = ()> + Send + 'static
 where
@@ -379,10 +401,12 @@ where
     let core = Core::new(&services, cfg.rise, cfg.fall, cfg.initial, |id| {
         sink.ready(id)
     });
+    report.send_replace(core.initial_report());
     let shell = Shell {
         core,
         sink,
         has_ready_backend,
+        report,
         on_leave,
         published: false,
         retry: false,
@@ -394,6 +418,7 @@ struct Shell<S, F> {
     core: Core,
     sink: S,
     has_ready_backend: watch::Sender<bool>,
+    report: watch::Sender<HealthReport>,
     on_leave: F,
     /// The first sets have been written.
     published: bool,
@@ -437,6 +462,15 @@ where
 
     fn handle(&mut self, index: usize, probe: &Probe) {
         let change = self.core.observe(index, probe.badness());
+        if let Some(badness) = self.core.badness(index) {
+            let at = SystemTime::now();
+            self.report.send_if_modified(|report| {
+                report
+                    .backends
+                    .get_mut(index)
+                    .is_some_and(|b| b.record(probe, badness, at))
+            });
+        }
         if let Some(change) = change {
             let backend = self.core.backends[index].addr;
             let reason = probe
@@ -470,6 +504,12 @@ where
         if changed || first {
             info!(has_ready_backend = ready, "node readiness");
         }
+        self.report.send_if_modified(|report| {
+            let changed = report.node_ready != ready || !report.started;
+            report.node_ready = ready;
+            report.started = true;
+            changed
+        });
     }
 
     fn write_sets(&mut self, first: bool) {
@@ -822,9 +862,17 @@ mod tests {
         let (left_tx, left) = mpsc::unbounded_channel();
         let cfg = config();
         let checker = Checker::new(cfg.timeout(), None);
-        let task = tokio::spawn(run(services, checker, &cfg, sink, ready_tx, move |sb| {
-            let _ = left_tx.send(sb);
-        }));
+        let task = tokio::spawn(run(
+            services,
+            checker,
+            &cfg,
+            sink,
+            ready_tx,
+            watch::channel(HealthReport::default()).0,
+            move |sb| {
+                let _ = left_tx.send(sb);
+            },
+        ));
         Running {
             writes,
             left,
@@ -922,6 +970,88 @@ mod tests {
             .unwrap();
         assert_eq!(m.next_write().await, (0, vec![0, 1]));
         m.ready_becomes(true).await;
+    }
+
+    /// A check that opens no socket: READY, or refused for the backends
+    /// in `down`.
+    struct Scripted {
+        down: Arc<Mutex<Vec<SocketAddr>>>,
+    }
+
+    impl HealthCheck for Scripted {
+        fn check(&self, backend: SocketAddr) -> impl Future<Output = Probe> + Send {
+            let down = self.down.lock().unwrap().contains(&backend);
+            async move {
+                Probe {
+                    readiness: if down {
+                        crate::health::Readiness::NotReady(crate::health::NotReady::Refused)
+                    } else {
+                        crate::health::Readiness::Ready
+                    },
+                    role: None,
+                    elapsed: Duration::from_millis(1),
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_report_follows_checks_and_names_the_failure() {
+        let (a_addr, b_addr) = (addr(A), addr(B));
+        let down = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut writes) = mpsc::unbounded_channel();
+        let sink = Recorder {
+            sets: HashMap::new(),
+            tx,
+        };
+        let (ready_tx, _ready) = watch::channel(false);
+        let (report_tx, mut report) = watch::channel(HealthReport::default());
+        let cfg = config();
+        let task = tokio::spawn(run(
+            vec![service(0, &[(A, true), (B, false)])],
+            Scripted {
+                down: Arc::clone(&down),
+            },
+            &cfg,
+            sink,
+            ready_tx,
+            report_tx,
+            |_| {},
+        ));
+        let _abort = AbortOnDrop(task);
+        {
+            let initial = report.borrow();
+            assert_eq!(initial.backends.len(), 2);
+            assert_eq!(initial.backends[0].addr, a_addr);
+            assert!(initial.backends[0].local && !initial.backends[1].local);
+            assert!(!initial.started);
+        }
+        let first = tokio::time::timeout(WAIT, writes.recv()).await.unwrap();
+        assert_eq!(first, Some((0, vec![0, 1])));
+        tokio::time::timeout(WAIT, report.wait_for(|r| r.started && r.node_ready))
+            .await
+            .expect("report: started and ready")
+            .unwrap();
+        assert!(report.borrow().backends.iter().all(BackendReport::is_ready));
+
+        down.lock().unwrap().push(SocketAddr::V4(b_addr));
+        let now = tokio::time::timeout(
+            WAIT,
+            report.wait_for(|r| r.backend(b_addr).is_some_and(|b| !b.is_ready())),
+        )
+        .await
+        .expect("B not READY in the report")
+        .unwrap()
+        .clone();
+        let b = now.backend(b_addr).unwrap();
+        let failure = b.last_failure.as_ref().expect("a failure recorded");
+        assert_eq!(failure.kind, "refused");
+        assert_eq!(failure.reason, "connection refused");
+        assert!(b.last_check_failed);
+        assert!(b.failed_checks() >= u64::from(cfg.fall), "{b:?}");
+        assert!(b.checks > b.failed_checks());
+        assert!(now.node_ready, "A (local) is still READY");
+        assert!(now.backend(a_addr).unwrap().last_failure.is_none());
     }
 
     /// Removes a directory (and what is in it) on drop.
@@ -1029,6 +1159,7 @@ mod tests {
             &cfg,
             Arc::clone(&table),
             ready_tx,
+            watch::channel(HealthReport::default()).0,
             move |left| resets.request(left.service_id, left.backend),
         ));
         let _abort = (AbortOnDrop(monitor), AbortOnDrop(reset_task));

@@ -3,7 +3,8 @@
 //! the `balancer` agent with a VRRP election (priorities 150 and 100) and
 //! KeyDB-aware health checks:
 //!
-//! 1. the election: who became master and holds the VIP;
+//! 1. the election: who became master and holds the VIP, and what
+//!    `balancer status` says on each node;
 //! 2. traffic through the VIP, balanced over both KeyDBs (the client's view
 //!    and the data plane's own counters);
 //! 3. a node failure: the master's link is cut while a client writes through
@@ -140,7 +141,11 @@ fn demo() -> Result<Vec<String>> {
     println!(
         "  agent config of node 1 (node 2's differs in address and priority {}):\n{}",
         PRIORITIES[1],
-        indent(&configs[0].to_toml(1, lab.node(1).pin_dir()), 4)
+        indent(
+            &lab.agent_config(1, &configs[0])
+                .to_toml(1, lab.node(1).pin_dir()),
+            4
+        )
     );
     println!("  ([vrrp] notify is the lab's recorder script; [health] empty = defaults:");
     println!("   check every 100 ms, timeout 100 ms, out after 3 failures, in after 2 passes)");
@@ -171,6 +176,19 @@ fn demo() -> Result<Vec<String>> {
     print_transitions(&lab, demo_start);
     println!("  Both start as backup; after Master_Down_Interval (3 × 100 ms + skew) without");
     println!("  adverts node 1 becomes master, and node 2 (lower priority) stays backup.");
+    for node in 1..=2 {
+        match lab.balancer_status(node, false) {
+            Ok(text) => println!(
+                "  `balancer status --socket {}` on node {node}:\n{}",
+                lab.admin_socket(node).display(),
+                indent(text.trim_end(), 4)
+            ),
+            Err(e) => {
+                println!("  `balancer status` on node {node} failed: {e:#}");
+                problems.push(format!("`balancer status` failed on node {node}"));
+            }
+        }
+    }
 
     section(&format!(
         "{CONNECTIONS} new connections to {VIP}:{KEYDB_PORT}, each running INFO server"
