@@ -11,8 +11,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # 1. Debian packages the tests, demo and benchmarks use.
-#    redis-tools brings redis-cli and redis-benchmark.
-pkgs=(redis-server redis-tools bpftool iproute2 ethtool keepalived haproxy tcpdump procps psmisc)
+#    redis-tools brings redis-cli and redis-benchmark; systemd brings
+#    systemd-analyze, which checks scripts/balancer.service.
+pkgs=(redis-server redis-tools bpftool iproute2 ethtool keepalived haproxy tcpdump procps psmisc systemd)
 missing=()
 for p in "${pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then

@@ -56,6 +56,7 @@ use crate::{
     neighbour,
     netlink::{self, Netlink, NetlinkError, VipGuard},
     pins::{self, PinDir, PinDirError},
+    service_manager,
     stats::PinnedMaps,
     sysctl::{SysctlError, SysctlGuard},
 };
@@ -120,6 +121,8 @@ impl Drop for Task {
 /// goes, tasks stop, the program is detached and unpinned, the pin
 /// directory goes, static VIPs are removed, sysctls restored.
 struct Running {
+    /// One line for `systemctl status` (see [`service_manager::ready`]).
+    summary: String,
     election: Option<Election>,
     _admin: Admin,
     _tasks: Vec<Task>,
@@ -167,15 +170,21 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             return Ok(());
         }
     };
+    service_manager::ready(&running.summary);
+    let watchdog = service_manager::Watchdog::start();
     let signal = tokio::select! {
         signal = signals.recv() => signal,
         () = running.election_ended() => {
             error!("the VRRP election ended unexpectedly; stopping");
+            service_manager::stopping();
+            drop(watchdog);
             running.stop().await;
             return Err(AgentError::ElectionEnded);
         }
     };
     info!(signal, "stopping");
+    service_manager::stopping();
+    drop(watchdog);
     running.stop().await;
     info!("stopped");
     Ok(())
@@ -352,7 +361,17 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
         vips: config.vips(),
     });
 
+    let summary = format!(
+        "serving {} service(s) on {interface} ({mode} XDP), {}",
+        config.services.len(),
+        match (&config.vrrp, dp.active) {
+            (Some(vrrp), _) => format!("VRRP vrid {}", vrrp.vrid),
+            (None, true) => "static VIP holder".to_string(),
+            (None, false) => "static, not holding the VIPs".to_string(),
+        }
+    );
     Ok(Running {
+        summary,
         election,
         _admin: admin,
         _tasks: tasks,

@@ -214,7 +214,11 @@ const SS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// `ss -K` (iproute2; needs `CONFIG_INET_DIAG_DESTROY`). Returns how many.
 pub fn destroy_sockets_on(local: SocketAddrV4) -> io::Result<usize> {
     use std::process::{Command, Stdio};
-    let mut child = Command::new("ss")
+    let mut cmd = Command::new("ss");
+    for var in crate::service_manager::CHILD_ENV_REMOVE {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd
         .args(["-K", "-t", "-n", "-H", "state", "connected", "src"])
         .arg(local.ip().to_string())
         .args(["sport", "=", &format!(":{}", local.port())])

@@ -11,7 +11,8 @@
 //! [`election`] (its runtime: timers, interface, VIPs, active flag),
 //! [`vrrp_socket`] (adverts on the wire), [`garp`] (gratuitous ARP) and
 //! [`notify`] (the notify command). Health: [`health`]. Operators:
-//! [`admin`] (`balancer status` over a unix socket, Prometheus metrics).
+//! [`admin`] (`balancer status` over a unix socket, Prometheus metrics),
+//! [`service_manager`] (systemd's notify protocol and watchdog).
 
 pub mod admin;
 pub mod agent;
@@ -26,6 +27,7 @@ pub mod neighbour;
 pub mod netlink;
 pub mod notify;
 pub mod pins;
+pub mod service_manager;
 pub mod stats;
 pub mod sysctl;
 pub mod vrrp;

@@ -66,7 +66,11 @@ impl Notifier {
 
 async fn run(command: &PathBuf, state: State, vrid: u8) {
     let state = state_argument(state);
-    let mut child = match Command::new(command)
+    let mut cmd = Command::new(command);
+    for var in crate::service_manager::CHILD_ENV_REMOVE {
+        cmd.env_remove(var);
+    }
+    let mut child = match cmd
         .arg(state)
         .arg(vrid.to_string())
         .stdin(Stdio::null())

@@ -750,6 +750,17 @@ impl Lab {
     /// namespace and waits until the XDP link is pinned (the data plane is
     /// ready). Fails with the agent's log if it exits or times out.
     pub fn start_agent(&mut self, index: usize, config: &AgentConfig) -> Result<()> {
+        self.start_agent_with_env(index, config, &[])
+    }
+
+    /// [`Lab::start_agent`] with extra environment variables for the agent
+    /// (e.g. systemd's `NOTIFY_SOCKET`).
+    pub fn start_agent_with_env(
+        &mut self,
+        index: usize,
+        config: &AgentConfig,
+        env: &[(&str, &str)],
+    ) -> Result<()> {
         let mut config = self.agent_config(index, config);
         if let Some(vrrp) = config.vrrp.as_mut() {
             if vrrp.notify.is_none() {
@@ -776,6 +787,7 @@ impl Lab {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdout(log.try_clone()?)
             .stderr(log);
         let child = cmd
