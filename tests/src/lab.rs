@@ -31,6 +31,7 @@ use std::{
     fmt::Write as _,
     fs,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -779,6 +780,10 @@ impl Lab {
             );
         }
         let log = fs::File::create(self.agent_log_path(index))?;
+        // A crashed agent's link pin may still be there (the new agent
+        // replaces it): only a pin with another inode is the new agent's.
+        let link = node.versioned_pin_dir().join(XDP_LINK_PIN);
+        let stale_link = fs::metadata(&link).ok().map(|m| m.ino());
         let mut cmd = node.ns.command(&bin.display().to_string());
         cmd.arg("run")
             .arg("--config")
@@ -793,12 +798,11 @@ impl Lab {
         let child = cmd
             .spawn()
             .with_context(|| format!("start {} on node {index}", bin.display()))?;
-        let link = node.versioned_pin_dir().join(XDP_LINK_PIN);
         self.node_mut(index).agent = Some(ChildGuard::new(child));
 
         let deadline = Instant::now() + AGENT_START_TIMEOUT;
         loop {
-            if link.exists() {
+            if fs::metadata(&link).is_ok_and(|m| Some(m.ino()) != stale_link) {
                 return Ok(());
             }
             let agent = self.node_mut(index).agent.as_mut().expect("just started");

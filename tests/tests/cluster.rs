@@ -6,7 +6,9 @@
 //! back only once it has a READY backend; a stopped or frozen KeyDB gets no
 //! new connections after `fall × interval` and its flows are reset, not
 //! hung; a KeyDB that is loading is never READY; SIGTERM hands the VIP over
-//! with a client gap under 200 ms; a saturated CPU causes no failover.
+//! with a client gap under 200 ms; a crashed (SIGKILLed) holder agent
+//! fails over like a lost node and a restarted one takes over cleanly; a
+//! saturated CPU causes no failover.
 //!
 //! Every gap and delay is measured from timestamps (the writer loop keeps
 //! one per write); waits poll a condition with a deadline. The tests of
@@ -279,6 +281,81 @@ fn planned_handover_on_sigterm() -> Result<()> {
         writer.stop()?;
         Ok(())
     })
+}
+
+/// The holder's agent is killed with SIGKILL (a crash: no priority-0
+/// advert, its XDP link and VIP stay behind). Node 2 takes over within the
+/// client's 1 s budget (until then the dead agent's XDP program keeps
+/// serving). A new agent on node 1 (what systemd's `Restart=on-failure`
+/// does) replaces the dead one's pins and XDP program, becomes ready, and
+/// takes the VIP back (preempt) within the same budget.
+#[test]
+fn crashed_holder_agent_is_replaced_and_restart_takes_back() -> Result<()> {
+    let _serial = exclusive();
+    let mut lab = cluster("K", &[HIGH, 100])?;
+    with_diagnostics(&mut lab, |lab| {
+        let writer = start_writer(lab)?;
+        let old_prog = xdp_prog_id(lab, 1)?;
+
+        lab.kill_agent(1)?;
+        let crash = Instant::now();
+        let (holders, moved) = lab.wait_for_holders(
+            "node 2 takes the VIP after node 1's agent is killed",
+            FAILOVER_TIMEOUT,
+            |h| h.contains(&2),
+        )?;
+        let report = writer_report_after(&writer, crash)?;
+        println!(
+            "SIGKILL to node 1's agent: node 2 holds the VIP {:.0} ms later (holders {holders:?}); client: {report}",
+            (moved - crash).as_secs_f64() * 1000.0
+        );
+        ensure!(
+            report.longest_gap <= MAX_FAILOVER_GAP,
+            "client gap {:.0} ms > {MAX_FAILOVER_GAP:?} after the holder's agent crashed: {report}",
+            report.longest_gap.as_secs_f64() * 1000.0
+        );
+
+        let restart = Instant::now();
+        lab.start_agent(1, &AgentConfig::for_cluster(lab, HIGH))?;
+        let ready = Instant::now();
+        let (_, back) = lab.wait_for_holders(
+            "the restarted agent on node 1 takes the VIP back alone",
+            FAILOVER_TIMEOUT,
+            |h| h == [1],
+        )?;
+        let report = writer_report_after(&writer, restart)?;
+        println!(
+            "restarted agent on node 1: ready after {:.0} ms, holds the VIP alone {:.0} ms after the restart; client: {report}",
+            (ready - restart).as_secs_f64() * 1000.0,
+            (back - restart).as_secs_f64() * 1000.0
+        );
+        ensure!(
+            report.longest_gap <= MAX_FAILOVER_GAP,
+            "client gap {:.0} ms > {MAX_FAILOVER_GAP:?} when the restarted agent took the VIP back: {report}",
+            report.longest_gap.as_secs_f64() * 1000.0
+        );
+        lab.expect_holders_for(&[1], STABLE_FOR)?;
+        let new_prog = xdp_prog_id(lab, 1)?;
+        ensure!(
+            new_prog != old_prog,
+            "node 1 still runs the crashed agent's XDP program {old_prog}"
+        );
+        writer.stop()?;
+        Ok(())
+    })
+}
+
+/// The id of the one XDP program attached to node `index`'s eth0 (fails if
+/// there is none).
+fn xdp_prog_id(lab: &Lab, index: usize) -> Result<u64> {
+    let out = lab
+        .node(index)
+        .ns()
+        .exec(&["ip", "-j", "link", "show", "dev", "eth0"])?;
+    let links: serde_json::Value = serde_json::from_str(&out).context("ip -j link show")?;
+    links[0]["xdp"]["prog"]["id"]
+        .as_u64()
+        .with_context(|| format!("no XDP program on node {index}'s eth0: {out}"))
 }
 
 // --- Health: stopped, frozen and loading backends ------------------------
