@@ -505,6 +505,102 @@ fn field_error(field: impl Into<String>, message: impl Into<String>) -> FieldErr
     }
 }
 
+/// What a valid configuration sets up, one line per part, for `balancer
+/// check`. Never shows the VRRP password.
+pub fn summary(c: &Config) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "node: {} on {}", c.node.address, c.node.interface);
+    match &c.vrrp {
+        Some(v) => {
+            let peers = if v.unicast_peers.is_empty() {
+                "multicast 224.0.0.18".to_string()
+            } else {
+                let peers: Vec<String> = v.unicast_peers.iter().map(|p| p.to_string()).collect();
+                format!("unicast to {}", peers.join(", "))
+            };
+            let _ = writeln!(
+                s,
+                "election: VRRPv{} vrid {}, priority {} (minus {} while no backend of this node is READY), adverts every {} ms, {}{}, {peers}",
+                v.version.number(),
+                v.vrid,
+                v.priority,
+                v.no_ready_backend_weight,
+                u64::from(v.advert_interval_cs) * 10,
+                if v.preempt { "preempt" } else { "no preempt" },
+                if v.auth == crate::vrrp::packet::Auth::None {
+                    ""
+                } else {
+                    ", auth_type PASS"
+                },
+            );
+        }
+        None if c.dataplane.active => {
+            let _ = writeln!(s, "election: none (static: this node holds the VIPs)");
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "election: none (static: this node does not hold the VIPs)"
+            );
+        }
+    }
+    let h = &c.health;
+    let _ = writeln!(
+        s,
+        "health: every {} ms, timeout {} ms, READY after {} good checks, out after {} bad{}",
+        h.interval_ms,
+        h.timeout_ms,
+        h.rise,
+        h.fall,
+        match &h.password_file {
+            Some(f) => format!(", AUTH with the password in {}", f.display()),
+            None => String::new(),
+        }
+    );
+    let d = &c.dataplane;
+    let _ = writeln!(
+        s,
+        "data plane: XDP {} mode, SNAT ports {}, {} flows, idle timeout {} s, closing {} s, pins in {}",
+        d.xdp_mode,
+        d.snat_ports,
+        d.conntrack_flows,
+        d.idle_timeout.as_secs(),
+        d.closing_timeout.as_secs(),
+        d.pin_dir.display()
+    );
+    for service in &c.services {
+        let backends: Vec<String> = service
+            .backends
+            .iter()
+            .map(|b| {
+                if *b.ip() == c.node.address {
+                    format!("{b} (local)")
+                } else {
+                    b.to_string()
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "service {}:{} -> {}",
+            service.vip,
+            service.port,
+            backends.join(", ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "admin: socket {}, metrics {}",
+        c.admin.socket.display(),
+        match c.admin.metrics_listen {
+            Some(addr) => format!("on http://{addr}/metrics"),
+            None => "off".to_string(),
+        }
+    );
+    s
+}
+
 /// Reads, parses and validates the file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();

@@ -28,18 +28,33 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Check a configuration file and print what it sets up (like
+    /// `keepalived -t` or `haproxy -c`); changes nothing. Exits non-zero,
+    /// naming the field, if the file is not valid.
+    Check {
+        /// The configuration file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Print traffic and counters from a running agent's pinned maps.
     Stats {
         /// The agent's `[dataplane] pin_dir`.
-        #[arg(long, value_name = "DIR", default_value = config::DEFAULT_PIN_DIR)]
+        #[arg(long, value_name = "DIR", default_value = config::DEFAULT_PIN_DIR, conflicts_with = "config")]
         pin_dir: PathBuf,
+        /// Take `pin_dir` from the agent's configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Ask the running agent how it is: election, VIPs, backends' health,
     /// traffic.
     Status {
         /// The agent's `[admin] socket`.
-        #[arg(long, value_name = "PATH", default_value = config::DEFAULT_ADMIN_SOCKET)]
+        #[arg(long, value_name = "PATH", default_value = config::DEFAULT_ADMIN_SOCKET, conflicts_with = "config")]
         socket: PathBuf,
+        /// Take the socket from the agent's configuration file
+        /// (`[admin] socket`).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Print the agent's JSON document as it sent it.
         #[arg(long)]
         json: bool,
@@ -58,10 +73,15 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Run { config } => run(config),
-        Command::Stats { pin_dir } => Snapshot::read(&pin_dir)
-            .map(|snapshot| print!("{}", snapshot.render()))
-            .map_err(Into::into),
-        Command::Status { socket, json } => status(&socket, json),
+        Command::Check { config } => check(&config),
+        Command::Stats { pin_dir, config } => config_or(config, pin_dir, |c| c.dataplane.pin_dir)
+            .and_then(|pin_dir| Snapshot::read(&pin_dir).map_err(Into::into))
+            .map(|snapshot| print!("{}", snapshot.render())),
+        Command::Status {
+            socket,
+            config,
+            json,
+        } => config_or(config, socket, |c| c.admin.socket).and_then(|s| status(&s, json)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,6 +90,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `default`, or what `pick` takes from the configuration file `config`.
+fn config_or(
+    config: Option<PathBuf>,
+    default: PathBuf,
+    pick: impl FnOnce(config::Config) -> PathBuf,
+) -> anyhow::Result<PathBuf> {
+    Ok(match config {
+        Some(path) => pick(config::load(&path)?),
+        None => default,
+    })
+}
+
+/// `balancer check`: validates the file and summarises it.
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = config::load(path)?;
+    println!("{}: valid", path.display());
+    print!("{}", config::summary(&config));
+    Ok(())
 }
 
 fn status(socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
