@@ -38,6 +38,11 @@ enum Flavour {
     V2Pass,
     /// VRRPv3, advert_int 0.1 (100 ms), keepalived's default checksum.
     V3,
+    /// The seed's keepalived.conf verbatim, `vrrp_strict` included: strict
+    /// keepalived ignores its `auth_pass` and sends VRRPv2 adverts without
+    /// authentication, so the agent that joins it has no `auth_pass`
+    /// (README, "Migrating from keepalived + HAProxy").
+    SeedStrict,
 }
 
 impl Flavour {
@@ -45,6 +50,7 @@ impl Flavour {
         match self {
             Flavour::V2Pass => KeepalivedConfig::seed_v2(priority),
             Flavour::V3 => KeepalivedConfig::v3(priority),
+            Flavour::SeedStrict => KeepalivedConfig::seed_strict(priority),
         }
     }
 
@@ -61,13 +67,17 @@ impl Flavour {
                 vrrp.version = Some(3);
                 vrrp.advert_interval_ms = Some(100);
             }
+            Flavour::SeedStrict => {
+                vrrp.version = Some(2);
+                vrrp.advert_interval_ms = Some(1000);
+            }
         }
         config
     }
 
     fn advert_interval(self) -> Duration {
         match self {
-            Flavour::V2Pass => Duration::from_secs(1),
+            Flavour::V2Pass | Flavour::SeedStrict => Duration::from_secs(1),
             Flavour::V3 => Duration::from_millis(100),
         }
     }
@@ -82,15 +92,23 @@ impl Flavour {
     /// adverts.
     fn stable_for(self) -> Duration {
         match self {
-            Flavour::V2Pass => Duration::from_millis(2500),
+            Flavour::V2Pass | Flavour::SeedStrict => Duration::from_millis(2500),
             Flavour::V3 => Duration::from_secs(1),
         }
+    }
+
+    /// Whether keepalived's node answers on the VIP while keepalived holds
+    /// it. Strict mode sets `no_accept`: keepalived's node drops traffic to
+    /// the VIP (that is keepalived's behaviour, not ours to test).
+    fn keepalived_serves_the_vip(self) -> bool {
+        self != Flavour::SeedStrict
     }
 
     fn receive_rules(self) -> ReceiveRules {
         let (version, auth, adver_int_cs) = match self {
             Flavour::V2Pass => (Version::V2, Auth::pass("1111").expect("short"), 100),
             Flavour::V3 => (Version::V3, Auth::None, 10),
+            Flavour::SeedStrict => (Version::V2, Auth::None, 100),
         };
         ReceiveRules {
             version,
@@ -117,6 +135,41 @@ fn v2_pass_agent_master_keepalived_backup() -> Result<()> {
 #[test]
 fn v2_pass_keepalived_master_agent_backup() -> Result<()> {
     interop("I2k", Flavour::V2Pass, false)
+}
+
+#[test]
+fn seed_strict_agent_master_keepalived_backup() -> Result<()> {
+    interop("ISa", Flavour::SeedStrict, true)
+}
+
+#[test]
+fn seed_strict_keepalived_master_agent_backup() -> Result<()> {
+    interop("ISk", Flavour::SeedStrict, false)
+}
+
+/// The migration mistake the seed invites: copying its `auth_pass 1111`
+/// into the agent next to its strict keepalived (which sends no
+/// authentication). The two cannot form one group; the agent's log must
+/// say why and what to change.
+#[test]
+fn seed_strict_with_copied_auth_pass_is_explained_in_the_log() -> Result<()> {
+    let _serial = exclusive();
+    let mut lab = Lab::new("ISp", 2)?;
+    lab.start_servers()?;
+    let mut agent = Flavour::SeedStrict.agent(&lab, 100);
+    agent.vrrp.as_mut().expect("[vrrp]").auth_pass = Some("1111".into());
+    lab.start_agent(1, &agent)?;
+    lab.start_keepalived(2, &KeepalivedConfig::seed_strict(150))?;
+    let hint = "remove auth_pass from [vrrp]";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.agent_log(1).contains(hint) {
+        if Instant::now() >= deadline {
+            eprintln!("{}", lab.diagnostics());
+            bail!("the agent did not log {hint:?} within 10 s of keepalived's first adverts");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 #[test]
@@ -172,7 +225,7 @@ fn interop_steps(
         (elected - started).as_secs_f64(),
         flavour.stable_for()
     );
-    expect_traffic(lab, run_ids, master, &[1, 2])?;
+    expect_traffic(lab, run_ids, flavour, master, &[1, 2])?;
 
     // Cut the holder off: the other takes over.
     lab.cut_link(master)?;
@@ -191,7 +244,7 @@ fn interop_steps(
         (moved - cut).as_secs_f64() * 1000.0
     );
     // Only the backup's server is reachable now.
-    expect_traffic(lab, run_ids, backup, &[backup])?;
+    expect_traffic(lab, run_ids, flavour, backup, &[backup])?;
 
     // The master comes back and (preempt) takes the VIP back; one holder.
     lab.restore_link(master)?;
@@ -205,7 +258,7 @@ fn interop_steps(
         (back - restored).as_secs_f64() * 1000.0,
         flavour.stable_for()
     );
-    expect_traffic(lab, run_ids, master, &[1, 2])?;
+    expect_traffic(lab, run_ids, flavour, master, &[1, 2])?;
     Ok(())
 }
 
@@ -217,9 +270,16 @@ fn interop_steps(
 fn expect_traffic(
     lab: &Lab,
     run_ids: &std::collections::HashMap<String, usize>,
+    flavour: Flavour,
     holder: usize,
     served_by: &[usize],
 ) -> Result<()> {
+    if holder == 2 && !flavour.keepalived_serves_the_vip() {
+        println!(
+            "  keepalived (strict mode) holds the VIP: its node does not accept traffic to it"
+        );
+        return Ok(());
+    }
     let served_by: Vec<usize> = if holder == 2 {
         vec![2] // keepalived's node: no balancing, its own server answers
     } else {

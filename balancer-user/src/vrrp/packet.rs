@@ -79,6 +79,20 @@ pub enum V3Checksum {
     WithoutPseudoHeader,
 }
 
+/// What to change when a peer's VRRPv2 Auth Type differs from ours.
+fn auth_type_hint(got: u8, expected: u8) -> &'static str {
+    match (got, expected) {
+        (AUTH_TYPE_NONE, AUTH_TYPE_PASS) => {
+            " (a keepalived with vrrp_strict ignores its authentication block and sends none: \
+             remove auth_pass from [vrrp] to join it)"
+        }
+        (AUTH_TYPE_PASS, AUTH_TYPE_NONE) => {
+            " (the peer uses auth_type PASS: set the same auth_pass in [vrrp])"
+        }
+        _ => "",
+    }
+}
+
 /// VRRPv2 authentication (RFC 3768 section 5.3.6, RFC 2338 section 5.3.6).
 ///
 /// `Debug` never shows the password.
@@ -333,7 +347,10 @@ pub enum DecodeError {
         expected_cs: u16,
     },
     /// VRRPv2 Auth Type differs from ours.
-    #[error("VRRPv2 auth type {got} differs from the configured {expected}")]
+    #[error(
+        "VRRPv2 auth type {got} differs from the configured {expected}{}",
+        auth_type_hint(*got, *expected)
+    )]
     AuthTypeMismatch {
         /// Auth Type received.
         got: u8,
@@ -1153,6 +1170,18 @@ mod tests {
                 got: 1,
                 expected: 0
             }
+        );
+        assert!(err.to_string().contains("set the same auth_pass"), "{err}");
+        // The message says what to change, the seed's strict keepalived
+        // case included.
+        let strict = DecodeError::AuthTypeMismatch {
+            got: AUTH_TYPE_NONE,
+            expected: AUTH_TYPE_PASS,
+        };
+        assert!(
+            strict.to_string().contains("vrrp_strict")
+                && strict.to_string().contains("remove auth_pass"),
+            "{strict}"
         );
     }
 

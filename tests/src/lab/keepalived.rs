@@ -1,8 +1,9 @@
 //! keepalived.conf for a lab node: one `vrrp_instance` like the seed's
 //! (`virtual_router_id 101`, `auth_type PASS` / `auth_pass 1111` in VRRPv2),
 //! holding the lab's VIP as `198.18.0.100/32 dev eth0`. VRRP only: no
-//! virtual_server, no scripts, no `vrrp_strict` (which would add firewall
-//! rules). [`super::Lab::start_keepalived`] runs it in the node's namespace.
+//! virtual_server, no scripts. `vrrp_strict` (the seed has it) only with
+//! [`KeepalivedConfig::seed_strict`]. [`super::Lab::start_keepalived`] runs
+//! it in the node's namespace.
 
 use std::fmt::Write as _;
 
@@ -23,6 +24,14 @@ pub struct KeepalivedConfig {
     pub auth_pass: Option<String>,
     /// `nopreempt` when false.
     pub preempt: bool,
+    /// The seed's `global_defs` verbatim: `vrrp_skip_check_adv_addr`,
+    /// `vrrp_strict`, `vrrp_garp_interval 0`, `vrrp_gna_interval 0`. In
+    /// strict mode keepalived ignores the authentication block (it logs
+    /// "Strict mode does not support authentication. Ignoring.") and drops
+    /// adverts whose auth type, interval or address list differ from its
+    /// own. Its firewall rules for the VIP need `nft`, which the lab does
+    /// not install: keepalived logs that and goes on.
+    pub strict: bool,
 }
 
 impl KeepalivedConfig {
@@ -36,6 +45,16 @@ impl KeepalivedConfig {
             advert_int: "1".into(),
             auth_pass: Some("1111".into()),
             preempt: true,
+            strict: false,
+        }
+    }
+
+    /// The seed's keepalived.conf as written: [`KeepalivedConfig::seed_v2`]
+    /// with the seed's `global_defs`, `vrrp_strict` among them.
+    pub fn seed_strict(priority: u8) -> Self {
+        KeepalivedConfig {
+            strict: true,
+            ..KeepalivedConfig::seed_v2(priority)
         }
     }
 
@@ -48,6 +67,7 @@ impl KeepalivedConfig {
             advert_int: "0.1".into(),
             auth_pass: None,
             preempt: true,
+            strict: false,
         }
     }
 
@@ -58,6 +78,16 @@ impl KeepalivedConfig {
         let _ = writeln!(s, "global_defs {{");
         let _ = writeln!(s, "  router_id lab_n{index}");
         let _ = writeln!(s, "  vrrp_version {}", self.version);
+        if self.strict {
+            for line in [
+                "vrrp_skip_check_adv_addr",
+                "vrrp_strict",
+                "vrrp_garp_interval 0",
+                "vrrp_gna_interval 0",
+            ] {
+                let _ = writeln!(s, "  {line}");
+            }
+        }
         let _ = writeln!(s, "}}");
         let _ = writeln!(s, "vrrp_instance VI_1 {{");
         // Start as BACKUP like every peer: the election decides.
