@@ -168,6 +168,12 @@ pub fn sweep(
     }
     let doomed = keys_to_delete(&expired, |k| table.get(k, 0).ok(), timeouts, now_ns);
     for key in doomed {
+        // The walk took a while: the data plane may have dropped the dead
+        // flow and given its key to a new one since (a freed SNAT port, a
+        // reused client port). Look again right before deleting.
+        if !still_expired(table.get(&key, 0).ok(), timeouts, now_ns) {
+            continue;
+        }
         match table.remove(&key) {
             Ok(()) => report.deleted += 1,
             // Gone already: the data plane removed it (RST, expiry on lookup).
@@ -176,6 +182,12 @@ pub fn sweep(
         }
     }
     report
+}
+
+/// Whether the entry found under a doomed key right before its deletion
+/// is still expired; `None` (gone already) needs no deletion either.
+pub fn still_expired(current: Option<FlowEntry>, timeouts: FlowTimeouts, now_ns: u64) -> bool {
+    current.is_some_and(|e| timeouts.expired(&e, now_ns))
 }
 
 /// A second handle on the same kernel map (a duplicated descriptor), for a
@@ -503,6 +515,20 @@ mod tests {
     fn an_orphan_entry_is_deleted_alone() {
         let [fwd, _] = flow(40000, 61000, 0, 0);
         assert_eq!(plan(&[fwd], 400 * SEC), vec![fwd.0]);
+    }
+
+    #[test]
+    fn a_key_taken_by_a_new_flow_during_the_walk_is_kept() {
+        let now = 400 * SEC;
+        let [(_, dead_fwd), (_, dead_rev)] = flow(40000, 61000, 0, 0);
+        // During the walk the data plane freed the dead flow's SNAT port
+        // and gave it to a new flow: the reverse key now holds a fresh
+        // entry. Only a still-expired entry may be deleted.
+        let [_, (_, fresh_rev)] = flow(40001, 61000, now, now);
+        assert!(TIMEOUTS.expired(&dead_rev, now));
+        assert!(!still_expired(Some(fresh_rev), TIMEOUTS, now));
+        assert!(still_expired(Some(dead_fwd), TIMEOUTS, now));
+        assert!(!still_expired(None, TIMEOUTS, now));
     }
 
     #[test]

@@ -539,6 +539,14 @@ impl Dataplane {
             .context("write CONNTRACK")
     }
 
+    /// One pass of the agent's conntrack sweeper over this table.
+    pub fn sweep(
+        &mut self,
+        timeouts: balancer_user::conntrack::FlowTimeouts,
+    ) -> balancer_user::conntrack::SweepReport {
+        balancer_user::conntrack::sweep(&mut self.conntrack, timeouts, CONNTRACK_ENTRIES as usize)
+    }
+
     /// Removes every conntrack entry; returns how many there were.
     pub fn clear_flows(&mut self) -> Result<usize> {
         let keys = self

@@ -376,6 +376,56 @@ fn a_new_syn_on_a_closing_tuple_opens_a_fresh_flow() -> Result<()> {
     })
 }
 
+/// The agent's sweeper on the real table: a flow closed in both directions
+/// goes after the closing timeout, both of its entries; a live flow stays
+/// until its idle timeout.
+#[test]
+fn the_agents_sweep_deletes_expired_flows_and_keeps_live_ones() -> Result<()> {
+    use balancer_user::conntrack::FlowTimeouts;
+    with_dataplane(|dp| {
+        dp.set_vip_service(&active_service(0, &[backend(0)]))?;
+        let live = dp.open_flow(&syn(40060))?;
+        let closing = dp.open_flow(&syn(40061))?;
+        for (name, frame) in [
+            ("client FIN", from_client(40061, TcpFlags::FIN_ACK)),
+            ("backend FIN", from_backend(&closing, TcpFlags::FIN_ACK)),
+        ] {
+            let out = dp.run(&frame)?;
+            ensure!(out.verdict == Verdict::Tx, "{name}: {:?}", out.verdict);
+        }
+        let hour = 3600 * 1_000_000_000;
+        let report = dp.sweep(FlowTimeouts {
+            idle_ns: hour,
+            closing_ns: 0,
+        });
+        ensure!(
+            report.entries == 4 && report.deleted == 2,
+            "closing timeout 0: {report:?}"
+        );
+        ensure!(
+            dp.flow(closing.client, VIP_SOCK)?.is_none(),
+            "closed flow kept"
+        );
+        ensure!(
+            dp.flow(closing.backend, closing.node())?.is_none(),
+            "closed flow's reverse entry kept"
+        );
+        ensure!(dp.flow(live.client, VIP_SOCK)?.is_some(), "live flow swept");
+        let report = dp.sweep(FlowTimeouts {
+            idle_ns: hour,
+            closing_ns: hour,
+        });
+        ensure!(report.deleted == 0, "nothing expired: {report:?}");
+        let report = dp.sweep(FlowTimeouts {
+            idle_ns: 0,
+            closing_ns: 0,
+        });
+        ensure!(report.deleted == 2, "idle timeout 0: {report:?}");
+        ensure!(dp.flow_count()? == 0, "entries: {}", dp.flow_count()?);
+        Ok(())
+    })
+}
+
 #[test]
 fn an_idle_flow_is_forgotten() -> Result<()> {
     with_dataplane(|dp| {
