@@ -418,38 +418,16 @@ mod tests {
     }
 
     /// Forward (client -> VIP) and reverse (backend -> node:snat) entries of
-    /// one flow.
+    /// one flow to backend 198.18.0.2, last seen at `last_fwd` / `last_rev`.
     fn flow(
         client_port: u16,
         snat: u16,
         last_fwd: u64,
         last_rev: u64,
     ) -> [(FlowKey, FlowEntry); 2] {
-        let fwd_key = FlowKey {
-            saddr: ip(50),
-            daddr: ip(100),
-            sport: port(client_port),
-            dport: port(6380),
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        };
-        let fwd = FlowEntry {
-            nat_saddr: ip(1),
-            nat_daddr: ip(2),
-            nat_sport: port(snat),
-            nat_dport: port(6380),
-            last_seen_ns: last_fwd,
-            ..Default::default()
-        };
-        let rev_key = partner_key(&fwd);
-        let rev = FlowEntry {
-            nat_saddr: ip(100),
-            nat_daddr: ip(50),
-            nat_sport: port(6380),
-            nat_dport: port(client_port),
-            last_seen_ns: last_rev,
-            ..Default::default()
-        };
+        let [(fwd_key, mut fwd), (rev_key, mut rev)] = nat(0, client_port, snat, 2);
+        fwd.last_seen_ns = last_fwd;
+        rev.last_seen_ns = last_rev;
         [(fwd_key, fwd), (rev_key, rev)]
     }
 

@@ -1484,24 +1484,32 @@ pub struct ServiceView {
     pub ready: Vec<SocketAddrV4>,
 }
 
+/// The SERVICES entry of the lab's service (VIP:6380) in the data plane
+/// pinned in `pins` (a `<pin_dir>/v<LAYOUT_VERSION>` directory).
+pub fn pinned_lab_service(pins: &Path) -> Result<balancer_common::Service> {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use balancer_common::{Service, ServiceKey, IPPROTO_TCP};
+    let path = pins.join(names::SERVICES);
+    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+    let services: BpfHashMap<MapData, ServiceKey, Service> =
+        BpfHashMap::try_from(Map::from_map_data(data)?)?;
+    let key = ServiceKey {
+        vip: u32::from_ne_bytes(VIP.octets()),
+        port: KEYDB_PORT.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    services
+        .get(&key, 0)
+        .with_context(|| format!("service {VIP}:{KEYDB_PORT} in {}", path.display()))
+}
+
 impl Lab {
     /// Reads node `index`'s SERVICES entry for VIP:6380 from its pins.
     pub fn service_view(&self, index: usize) -> Result<ServiceView> {
-        use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-        use balancer_common::{Service, ServiceKey, IPPROTO_TCP, SERVICE_ACTIVE};
-        let path = self.node(index).versioned_pin_dir().join(names::SERVICES);
-        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-        let services: BpfHashMap<MapData, ServiceKey, Service> =
-            BpfHashMap::try_from(Map::from_map_data(data)?)?;
-        let key = ServiceKey {
-            vip: u32::from_ne_bytes(VIP.octets()),
-            port: KEYDB_PORT.to_be(),
-            proto: IPPROTO_TCP,
-            _pad: 0,
-        };
-        let service = services
-            .get(&key, 0)
-            .with_context(|| format!("service {VIP}:{KEYDB_PORT} in node {index}'s SERVICES"))?;
+        use balancer_common::SERVICE_ACTIVE;
+        let service = pinned_lab_service(&self.node(index).versioned_pin_dir())
+            .with_context(|| format!("node {index}"))?;
         let count = (service.ready_count as usize).min(service.ready.len());
         let ready = service.ready[..count]
             .iter()

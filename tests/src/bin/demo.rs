@@ -26,14 +26,13 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
-use balancer_common::{
-    backend_stats_index, counter, names, Service, ServiceKey, TrafficStats, IPPROTO_TCP,
-};
+use aya::maps::{Map, MapData, PerCpuArray};
+use balancer_common::{backend_stats_index, counter, names, TrafficStats};
 use balancer_tests::{
     lab::{
-        balancer_bin, keydb_server_program, run_with_timeout, vip_keydb, AgentConfig, Lab,
-        Transition, VipAttempt, WriterConfig, WriterLoop, CLIENT_ADDR, KEYDB_PORT, VIP,
+        balancer_bin, keydb_server_program, pinned_lab_service, run_with_timeout, vip_keydb,
+        AgentConfig, Lab, Transition, VipAttempt, WriterConfig, WriterLoop, CLIENT_ADDR,
+        KEYDB_PORT, VIP,
     },
     resp::{encode_command, Connection, Value},
 };
@@ -590,17 +589,7 @@ fn pinned(pins: &Path, name: &str) -> Result<Map> {
 }
 
 fn print_pinned_stats(pins: &Path) -> Result<()> {
-    let services: BpfHashMap<MapData, ServiceKey, Service> =
-        BpfHashMap::try_from(pinned(pins, names::SERVICES)?)?;
-    let key = ServiceKey {
-        vip: u32::from_ne_bytes(VIP.octets()),
-        port: KEYDB_PORT.to_be(),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    let service = services
-        .get(&key, 0)
-        .with_context(|| format!("service {VIP}:{KEYDB_PORT} in SERVICES"))?;
+    let service = pinned_lab_service(pins)?;
     let backend_stats: PerCpuArray<MapData, TrafficStats> =
         PerCpuArray::try_from(pinned(pins, names::BACKEND_STATS)?)?;
     println!(
