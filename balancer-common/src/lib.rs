@@ -14,7 +14,7 @@
 /// Bumped whenever a map's key or value layout changes. The agent pins maps
 /// under `<pin root>/v<LAYOUT_VERSION>/`, so an agent of another layout never
 /// reuses (and misreads) a map pinned by this one.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Most (VIP, port) services one data plane serves.
 pub const MAX_SERVICES: u32 = 64;
@@ -232,8 +232,12 @@ pub struct TrafficStats {
     pub bytes: u64,
     /// New connections (SYNs that created or chose this target).
     pub new_flows: u64,
+    /// Of `packets`, those that came from a remote backend and were
+    /// reverse-NATed to a client: proof that frames sent to it left the
+    /// node and were answered.
+    pub replies: u64,
 }
-const _: () = assert!(core::mem::size_of::<TrafficStats>() == 24);
+const _: () = assert!(core::mem::size_of::<TrafficStats>() == 32);
 
 /// Slots of the `COUNTERS` per-CPU array: verdicts by reason.
 pub mod counter {

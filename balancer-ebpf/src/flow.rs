@@ -177,7 +177,13 @@ fn established(
             unsafe { (*ep).last_seen_ns = now };
         }
     }
-    account(e.service_id as u32, e.backend_slot as u32, pkt.len, false);
+    account(
+        e.service_id as u32,
+        e.backend_slot as u32,
+        pkt.len,
+        false,
+        e.direction == DIR_TO_CLIENT,
+    );
     count(what);
     rewrite(pkt, &e);
     transmit(ctx, pkt, e.ifindex)
@@ -198,7 +204,7 @@ fn new_connection(
     if let Some(ep) = CONNTRACK.get_ptr(key) {
         let e = unsafe { *ep };
         if !expired(&e, now, settings) && e.flags & FLOW_CLOSING == 0 {
-            account(e.service_id as u32, e.backend_slot as u32, pkt.len, false);
+            account(e.service_id as u32, e.backend_slot as u32, pkt.len, false, false);
             count(counter::FORWARDED);
             rewrite(pkt, &e);
             return transmit(ctx, pkt, e.ifindex);
@@ -229,7 +235,7 @@ fn new_connection(
     }
     let backend = svc.backends[slot];
     if backend.flags & BACKEND_LOCAL != 0 {
-        account(svc.id, slot as u32, pkt.len, true);
+        account(svc.id, slot as u32, pkt.len, true, false);
         count(counter::PASS_LOCAL_BACKEND);
         return xdp_action::XDP_PASS;
     }
@@ -287,7 +293,7 @@ fn new_connection(
     }
     count(counter::FLOWS_CREATED);
     count(counter::FORWARDED);
-    account(svc.id, slot as u32, pkt.len, true);
+    account(svc.id, slot as u32, pkt.len, true, false);
     rewrite(pkt, &forward);
     transmit(ctx, pkt, forward.ifindex)
 }

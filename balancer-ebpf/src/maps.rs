@@ -46,15 +46,18 @@ pub fn count(which: u32) {
     }
 }
 
-/// Accounts one packet of `bytes` to a service and one of its backends.
+/// Accounts one packet of `bytes` to a service and one of its backends;
+/// `reply`: it came from the backend.
 #[inline(always)]
-pub fn account(service_id: u32, slot: u32, bytes: u64, new_flow: bool) {
+pub fn account(service_id: u32, slot: u32, bytes: u64, new_flow: bool, reply: bool) {
     let n = new_flow as u64;
+    let r = reply as u64;
     if let Some(s) = SERVICE_STATS.get_ptr_mut(service_id) {
         unsafe {
             (*s).packets += 1;
             (*s).bytes += bytes;
             (*s).new_flows += n;
+            (*s).replies += r;
         }
     }
     let idx = balancer_common::backend_stats_index(service_id, slot);
@@ -63,6 +66,7 @@ pub fn account(service_id: u32, slot: u32, bytes: u64, new_flow: bool) {
             (*s).packets += 1;
             (*s).bytes += bytes;
             (*s).new_flows += n;
+            (*s).replies += r;
         }
     }
 }

@@ -55,10 +55,12 @@ use crate::{
     },
     neighbour,
     netlink::{self, Netlink, NetlinkError, VipGuard},
+    path_check::{self, PathReport},
     pins::{self, PinDir, PinDirError},
     service_manager,
     stats::PinnedMaps,
     sysctl::{SysctlError, SysctlGuard},
+    xdp_mode::{self, NativeRefused},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +85,8 @@ pub enum AgentError {
     FlowReset(#[from] FlowResetError),
     #[error("cannot start the admin interface")]
     Admin(#[from] AdminError),
+    #[error(transparent)]
+    XdpMode(#[from] NativeRefused),
 }
 
 /// SIGTERM and SIGINT.
@@ -198,6 +202,8 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
     // Before anything changes on the node: refuses to start next to a live
     // agent on the same socket, or with the metrics port taken.
     let admin = AdminListeners::bind(&config.admin).await?;
+    let kind = netlink.interface_kind(ifindex).await?;
+    let xdp_plan = xdp_mode::choose(dp.xdp_mode, interface, kind)?;
 
     pins::ensure_bpffs(&dp.pin_dir)?;
     let pins = PinDir::create(&dp.pin_dir)?;
@@ -248,7 +254,7 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
     let unresolved = neighbour::wait_resolved(&netlink, &remote, neighbour::STARTUP_WAIT).await;
     let mut tasks = Vec::new();
 
-    let mode = dataplane.attach(ifindex, dp.xdp_mode)?;
+    let mode = dataplane.attach(ifindex, &xdp_plan)?;
     dataplane.pin_maps(pins.dir())?;
     // The admin interface reads the maps through their pins, as
     // `balancer stats` does.
@@ -306,6 +312,9 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
     if let Some(logger) = logger {
         tasks.push(Task(tokio::spawn(forward_logs(logger))));
     }
+    let (paths, paths_rx) = watch::channel(PathReport::new());
+    let path_maps = PinnedMaps::open(&dp.pin_dir).map_err(AdminError::from)?;
+    tasks.push(Task(tokio::spawn(path_check::run(path_maps, paths))));
 
     let link = dataplane.pin_link(pins.dir())?;
     info!(
@@ -355,6 +364,7 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
         },
         health: health_report_rx,
         conntrack_entries: conntrack_entries_rx,
+        paths: paths_rx,
         maps,
         netlink: netlink.clone(),
         ifindex,

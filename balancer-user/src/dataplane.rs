@@ -28,9 +28,10 @@ use balancer_common::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{Dataplane, ServiceConfig, XdpMode},
+    config::{Dataplane, ServiceConfig},
     error_chain,
     pins::LINK_PIN_NAME,
+    xdp_mode::Plan,
 };
 
 /// The maps this agent pins, by name.
@@ -263,13 +264,13 @@ impl DataPlane {
         Ok(table)
     }
 
-    /// Attaches the program to `ifindex`. `Auto` tries native first and
-    /// falls back to generic with a warning.
-    pub fn attach(&mut self, ifindex: u32, mode: XdpMode) -> Result<AttachMode, DataPlaneError> {
-        let attached = match mode {
-            XdpMode::Native => self.attach_as(ifindex, AttachMode::Native)?,
-            XdpMode::Generic => self.attach_as(ifindex, AttachMode::Generic)?,
-            XdpMode::Auto => match self.attach_as(ifindex, AttachMode::Native) {
+    /// Attaches the program to `ifindex` as [`crate::xdp_mode::choose`]
+    /// planned: native, falling back to generic with a warning when the
+    /// plan allows it, or generic.
+    pub fn attach(&mut self, ifindex: u32, plan: &Plan) -> Result<AttachMode, DataPlaneError> {
+        let attached = match plan {
+            Plan::Native { fallback: false } => self.attach_as(ifindex, AttachMode::Native)?,
+            Plan::Native { fallback: true } => match self.attach_as(ifindex, AttachMode::Native) {
                 Ok(m) => m,
                 Err(error) => {
                     warn!(
@@ -280,6 +281,12 @@ impl DataPlane {
                     self.attach_as(ifindex, AttachMode::Generic)?
                 }
             },
+            Plan::Generic { reason } => {
+                if let Some(reason) = reason {
+                    warn!(ifindex, %reason, "xdp_mode = \"auto\" chose generic mode");
+                }
+                self.attach_as(ifindex, AttachMode::Generic)?
+            }
         };
         info!(ifindex, mode = %attached, "attached the XDP program");
         Ok(attached)
@@ -498,7 +505,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::SnatPortRange;
+    use crate::config::{SnatPortRange, XdpMode};
 
     fn service() -> ServiceConfig {
         ServiceConfig {

@@ -26,12 +26,14 @@ pub mod health;
 pub mod neighbour;
 pub mod netlink;
 pub mod notify;
+pub mod path_check;
 pub mod pins;
 pub mod service_manager;
 pub mod stats;
 pub mod sysctl;
 pub mod vrrp;
 pub mod vrrp_socket;
+pub mod xdp_mode;
 
 /// `error` followed by its sources, joined with ": ": for log fields,
 /// where only the outermost message would otherwise be shown.

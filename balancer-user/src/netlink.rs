@@ -12,16 +12,18 @@ use std::net::{IpAddr, Ipv4Addr};
 use crate::error_chain;
 use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
 use rtnetlink::{
-    packet_core::{NetlinkMessage, NetlinkPayload},
+    packet_core::{DefaultNla, NetlinkMessage, NetlinkPayload},
     packet_route::{
         address::{AddressAttribute, AddressMessage},
-        link::{LinkAttribute, LinkFlags, LinkMessage},
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         AddressFamily, RouteNetlinkMessage,
     },
     sys::SocketAddr,
     AddressMessageBuilder, Handle, MulticastGroup,
 };
+
+use crate::xdp_mode::{InterfaceKind, VethPeer};
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +150,79 @@ impl Netlink {
             }),
             Err(source) => Err(NetlinkError::GetLink { ifindex, source }),
         }
+    }
+
+    /// What kind of interface `ifindex` is, as far as XDP cares: a veth
+    /// (and whether its peer, possibly in another namespace, runs an XDP
+    /// program) or anything else.
+    pub async fn interface_kind(&self, ifindex: u32) -> Result<InterfaceKind, NetlinkError> {
+        let msg = self.link(ifindex).await?;
+        let is_veth = msg.attributes.iter().any(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos
+                .iter()
+                .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))),
+            _ => false,
+        });
+        if !is_veth {
+            return Ok(InterfaceKind::Other);
+        }
+        let peer_ifindex = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Link(index) => Some(*index),
+            _ => None,
+        });
+        let netns_id = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkNetNsId(id) => Some(*id),
+            _ => None,
+        });
+        let xdp_attached = match peer_ifindex {
+            Some(peer) => self.peer_runs_xdp(peer, netns_id).await,
+            None => None,
+        };
+        Ok(InterfaceKind::Veth(VethPeer {
+            ifindex: peer_ifindex,
+            netns_id,
+            xdp_attached,
+        }))
+    }
+
+    /// Whether interface `ifindex` of the namespace with id `netns_id` (as
+    /// this namespace numbers it; `None`: this namespace) has an XDP
+    /// program attached in driver mode; `None` when the kernel does not say.
+    async fn peer_runs_xdp(&self, ifindex: u32, netns_id: Option<i32>) -> Option<bool> {
+        // IFLA_TARGET_NETNSID: ask about a link of another namespace
+        // without entering it (the peer of a container's veth lives in the
+        // host's namespace, which the agent cannot otherwise see).
+        const IFLA_TARGET_NETNSID: u16 = 46;
+        let mut request = self.handle.link().get().match_index(ifindex);
+        if let Some(id) = netns_id {
+            request
+                .message_mut()
+                .attributes
+                .push(LinkAttribute::Other(DefaultNla::new(
+                    IFLA_TARGET_NETNSID,
+                    id.to_ne_bytes().to_vec(),
+                )));
+        }
+        let msg = request.execute().try_next().await.ok()??;
+        let xdp = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => Some(xdp),
+            _ => None,
+        })?;
+        // Only a driver-mode program makes the peer take XDP frames: a
+        // generic one runs after the frame would already have been dropped.
+        // The kernel names the per-mode programs only when several modes
+        // are attached at once.
+        let attached = xdp.iter().find_map(|x| match x {
+            LinkXdp::Attached(mode) => Some(*mode),
+            _ => None,
+        })?;
+        Some(match attached {
+            XdpAttached::Driver => true,
+            XdpAttached::Multiple => xdp
+                .iter()
+                .any(|x| matches!(x, LinkXdp::DrvProgId(id) if *id != 0)),
+            _ => false,
+        })
     }
 
     /// Whether interface `ifindex` is up and running (administratively up

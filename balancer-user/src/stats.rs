@@ -101,6 +101,7 @@ fn sum(values: &[TrafficStats]) -> TrafficStats {
             packets: acc.packets.wrapping_add(v.packets),
             bytes: acc.bytes.wrapping_add(v.bytes),
             new_flows: acc.new_flows.wrapping_add(v.new_flows),
+            replies: acc.replies.wrapping_add(v.replies),
         })
 }
 
@@ -287,18 +288,21 @@ mod tests {
             packets: 1,
             bytes: 100,
             new_flows: 1,
+            replies: 4,
         };
         let b = TrafficStats {
             packets: 2,
             bytes: 50,
             new_flows: 0,
+            replies: 1,
         };
         assert_eq!(
             sum(&[a, b]),
             TrafficStats {
                 packets: 3,
                 bytes: 150,
-                new_flows: 1
+                new_flows: 1,
+                replies: 5,
             }
         );
     }
@@ -314,6 +318,7 @@ mod tests {
                     packets: 10,
                     bytes: 1000,
                     new_flows: 2,
+                    replies: 0,
                 },
                 backends: vec![
                     BackendRow {
@@ -324,6 +329,7 @@ mod tests {
                             packets: 4,
                             bytes: 400,
                             new_flows: 1,
+                            replies: 0,
                         },
                     },
                     BackendRow {

@@ -677,6 +677,7 @@ impl Dataplane {
                 packets: a.packets + s.packets,
                 bytes: a.bytes + s.bytes,
                 new_flows: a.new_flows + s.new_flows,
+                replies: a.replies + s.replies,
             }))
     }
 

@@ -189,7 +189,16 @@ fn a_flow_keeps_its_backend_and_replies_are_reverse_translated() -> Result<()> {
         ])?;
         ensure!(dp.counter(counter::FLOWS_CREATED)? == 1);
         ensure!(dp.flow_count()? == 2);
-        ensure!(dp.backend_stats(0, u32::from(flow.slot))?.new_flows == 1);
+        let stats = dp.backend_stats(0, u32::from(flow.slot))?;
+        ensure!(stats.new_flows == 1);
+        // Every packet reverse-NATed for this flow counts as a reply of its
+        // backend (the path check's proof that frames to it arrive).
+        let reversed = dp.counter(counter::REVERSED)?;
+        ensure!(
+            reversed > 0 && stats.replies == reversed,
+            "backend replies {} for {reversed} reversed packets",
+            stats.replies
+        );
 
         // The next connection takes the other backend.
         let next = dp.open_flow(&syn(40003))?;

@@ -305,6 +305,21 @@ pub fn render(status: &Status) -> String {
         "Bytes of the backend's connections the data plane handled.",
         backends().map(|(s, b)| (backend_labels(&s.vip, &b.address), b.traffic.bytes)),
     );
+    m.counter(
+        "backend_replies",
+        "Packets from a remote backend the data plane reverse-NATed to clients.",
+        backends()
+            .filter(|(_, b)| !b.local)
+            .map(|(s, b)| (backend_labels(&s.vip, &b.address), b.traffic.replies)),
+    );
+    m.gauge(
+        "backend_path_failing",
+        "1 while connections forwarded to this remote backend through the data plane get no reply (frames dropped on the way out).",
+        backends().filter_map(|(s, b)| {
+            b.path
+                .map(|p| (backend_labels(&s.vip, &b.address), flag(p.is_failing())))
+        }),
+    );
 
     // Health checks run once per distinct backend address.
     let mut checked: Vec<&super::status::BackendInfo> = Vec::new();
@@ -559,6 +574,7 @@ mod tests {
         assert_eq!(value(&text, "balancer_backend_local", &n1), 1.0);
         assert_eq!(value(&text, "balancer_backend_connections_total", &n1), 2.0);
         assert_eq!(value(&text, "balancer_backend_bytes_total", &n2), 2000.0);
+        assert_eq!(value(&text, "balancer_backend_path_failing", &n2), 1.0);
         assert_eq!(
             value(
                 &text,

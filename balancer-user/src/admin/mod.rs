@@ -39,6 +39,7 @@ use crate::{
     error_chain,
     health::HealthReport,
     netlink::Netlink,
+    path_check::PathReport,
     stats::{PinnedMaps, StatsError},
     vrrp_socket::AdvertCounters,
 };
@@ -105,6 +106,8 @@ pub struct AgentStatus {
     pub health: watch::Receiver<HealthReport>,
     /// Entries the last conntrack sweep left.
     pub conntrack_entries: watch::Receiver<usize>,
+    /// The path check's verdicts on remote backends.
+    pub paths: watch::Receiver<PathReport>,
     pub maps: PinnedMaps,
     /// To list the interface's addresses (is a VIP held?).
     pub netlink: Netlink,
@@ -159,6 +162,7 @@ impl StatusProvider for AgentStatus {
             },
         };
         let health = self.health.borrow().clone();
+        let paths = self.paths.borrow().clone();
         Ok(Status::build(StatusInputs {
             now: SystemTime::now(),
             facts: &self.facts,
@@ -166,6 +170,7 @@ impl StatusProvider for AgentStatus {
             vips,
             health: &health,
             snapshot: &snapshot,
+            paths: &paths,
             conntrack_entries: *self.conntrack_entries.borrow(),
             warnings,
         }))

@@ -24,6 +24,7 @@ use balancer_common::TrafficStats;
 use crate::{
     election::ElectionStatus,
     health::{Badness, HealthReport},
+    path_check::{PathReport, PathState},
     stats::Snapshot,
     vrrp_socket::AdvertCounters,
 };
@@ -143,6 +144,9 @@ pub struct Traffic {
     pub bytes: u64,
     /// New TCP connections (SYNs that picked a backend).
     pub connections: u64,
+    /// Of `packets`, replies from a remote backend.
+    #[serde(default)]
+    pub replies: u64,
 }
 
 impl From<TrafficStats> for Traffic {
@@ -151,6 +155,7 @@ impl From<TrafficStats> for Traffic {
             packets: t.packets,
             bytes: t.bytes,
             connections: t.new_flows,
+            replies: t.replies,
         }
     }
 }
@@ -197,6 +202,10 @@ pub struct BackendInfo {
     /// The last failed check, however long ago.
     pub last_failure: Option<FailureInfo>,
     pub traffic: Traffic,
+    /// Remote backends: whether connections forwarded to it through the
+    /// data plane are answered (`crate::path_check`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathState>,
 }
 
 /// A failed health check.
@@ -255,6 +264,8 @@ pub struct StatusInputs<'a> {
     pub vips: Vec<(Ipv4Addr, bool)>,
     pub health: &'a HealthReport,
     pub snapshot: &'a Snapshot,
+    /// The path check's verdicts on remote backends.
+    pub paths: &'a PathReport,
     pub conntrack_entries: usize,
     pub warnings: Vec<String>,
 }
@@ -375,6 +386,7 @@ impl Status {
                                 }
                             }),
                             traffic: b.traffic.into(),
+                            path: inputs.paths.get(&(row.id, b.addr)).copied(),
                         }
                     })
                     .collect(),
@@ -539,6 +551,9 @@ pub fn render_text(status: &Status, now: f64) -> String {
                 b.traffic.packets,
                 b.traffic.bytes
             );
+            if let Some(path) = b.path.filter(PathState::is_failing) {
+                let _ = writeln!(out, "      data path: {path}");
+            }
             if !b.ready || b.last_check_failed {
                 if let Some(f) = &b.last_failure {
                     let _ = writeln!(
@@ -718,6 +733,7 @@ pub(crate) mod tests {
                     packets: 30,
                     bytes: 3000,
                     new_flows: 3,
+                    replies: 0,
                 },
                 backends: vec![
                     BackendRow {
@@ -728,6 +744,7 @@ pub(crate) mod tests {
                             packets: 10,
                             bytes: 1000,
                             new_flows: 2,
+                            replies: 0,
                         },
                     },
                     BackendRow {
@@ -738,6 +755,7 @@ pub(crate) mod tests {
                             packets: 20,
                             bytes: 2000,
                             new_flows: 1,
+                            replies: 0,
                         },
                     },
                 ],
@@ -757,6 +775,13 @@ pub(crate) mod tests {
         adverts.dropped.insert("ttl".into(), 0);
         adverts.dropped.insert("vrid".into(), 2);
         let facts = facts();
+        let paths = PathReport::from([(
+            (0, addr(N2)),
+            PathState::Failing {
+                unanswered: 7,
+                seconds: 4,
+            },
+        )]);
         Status::build(StatusInputs {
             now: at(60),
             facts: &facts,
@@ -775,6 +800,7 @@ pub(crate) mod tests {
             vips: vec![(Ipv4Addr::new(198, 18, 0, 100), true)],
             health: &health,
             snapshot: &snapshot,
+            paths: &paths,
             conntrack_entries: 2,
             warnings: vec![],
         })
@@ -804,6 +830,8 @@ pub(crate) mod tests {
         assert_eq!(failure.reason, "connection refused");
         assert_eq!(failure.at, unix_seconds(at(4)));
         assert_eq!(b2.health_since, Some(unix_seconds(at(2))));
+        assert_eq!(b1.path, None, "a local backend has no data path to check");
+        assert!(b2.path.is_some_and(|p| p.is_failing()));
         assert_eq!(s.dataplane.counters.get("forwarded"), Some(&7));
         assert_eq!(s.dataplane.conntrack_entries, 2);
     }
@@ -825,6 +853,7 @@ pub(crate) mod tests {
             "connection refused"
         );
         assert!(v.get("warnings").is_none(), "no warnings, no field");
+        assert_eq!(v["services"][0]["backends"][1]["path"]["state"], "failing");
     }
 
     #[test]
@@ -843,6 +872,7 @@ pub(crate) mod tests {
             vips: vec![(Ipv4Addr::new(198, 18, 0, 100), false)],
             health: &health,
             snapshot: &snapshot,
+            paths: &PathReport::new(),
             conntrack_entries: 0,
             warnings: vec!["cannot list the addresses of eth0".into()],
         });
@@ -892,6 +922,10 @@ pub(crate) mod tests {
         );
         assert!(
             text.contains("last failed check 1m00s ago: connection refused"),
+            "{text}"
+        );
+        assert!(
+            text.contains("data path: FAILING: 7 connections forwarded, none answered for 4 s"),
             "{text}"
         );
         assert!(text.contains("forwarded 7"), "{text}");
