@@ -97,6 +97,10 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 /// [`Service::flags`]: this node currently holds the service's VIP. Without
 /// it the data plane passes the service's traffic untouched.
 pub const SERVICE_ACTIVE: u32 = 1;
+/// [`Service::flags`]: new connections go to the first READY backend in
+/// configured order (`ready[0]`) instead of round robin, the others
+/// standing by (HAProxy's `balance first`).
+pub const SERVICE_SCHEDULER_FIRST: u32 = 2;
 
 /// Value of the `SERVICES` map. The agent rewrites the whole value in one
 /// map update whenever the holder flag or the READY set changes, so a packet
@@ -112,8 +116,8 @@ pub struct Service {
     pub ready_count: u32,
     /// Number of configured entries in `backends`, `<= MAX_BACKENDS`.
     pub backend_count: u32,
-    /// Slots (indices into `backends`) of the READY backends, in round-robin
-    /// order; only the first `ready_count` are meaningful.
+    /// Slots (indices into `backends`) of the READY backends, ascending
+    /// (configured order); only the first `ready_count` are meaningful.
     pub ready: [u8; MAX_BACKENDS],
     /// Every configured backend; its slot is stable for the agent's lifetime
     /// and indexes the per-backend stats.

@@ -16,6 +16,7 @@ use aya_ebpf::{
 use balancer_common::{
     counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, BACKEND_LOCAL, DIR_TO_BACKEND,
     DIR_TO_CLIENT, FLOW_CLOSING, FLOW_FIN_SEEN, IPPROTO_TCP, MAX_BACKENDS, SERVICE_ACTIVE,
+    SERVICE_SCHEDULER_FIRST,
 };
 
 use crate::{
@@ -218,18 +219,9 @@ fn new_connection(
         count(counter::DROP_NO_BACKEND);
         return xdp_action::XDP_DROP;
     }
-    let Some(cursor) = RR_CURSOR.get_ptr_mut(svc.id) else {
+    let Some(slot) = choose_slot(svc, n) else {
         return xdp_action::XDP_PASS;
     };
-    let turn = unsafe {
-        let c = *cursor;
-        *cursor = c.wrapping_add(1);
-        c
-    };
-    // The verifier does not bound the result of `%`, so mask the index. The
-    // agent never writes ready_count > MAX_BACKENDS; no bounds test on `n`
-    // here, or LLVM would prove the mask redundant and drop it.
-    let slot = svc.ready[((turn % n) as usize) & (MAX_BACKENDS - 1)] as usize;
     if slot >= MAX_BACKENDS {
         return xdp_action::XDP_PASS;
     }
@@ -296,6 +288,26 @@ fn new_connection(
     account(svc.id, slot as u32, pkt.len, true, false);
     rewrite(pkt, &forward);
     transmit(ctx, pkt, forward.ifindex)
+}
+
+/// The backend slot of a new connection to `svc`, whose READY set holds
+/// `n > 0` slots in configured order: the first of them
+/// ([`SERVICE_SCHEDULER_FIRST`]), or the next in round robin.
+#[inline(always)]
+fn choose_slot(svc: &Service, n: u32) -> Option<usize> {
+    if svc.flags & SERVICE_SCHEDULER_FIRST != 0 {
+        return Some(svc.ready[0] as usize);
+    }
+    let cursor = RR_CURSOR.get_ptr_mut(svc.id)?;
+    let turn = unsafe {
+        let c = *cursor;
+        *cursor = c.wrapping_add(1);
+        c
+    };
+    // The verifier does not bound the result of `%`, so mask the index. The
+    // agent never writes ready_count > MAX_BACKENDS; no bounds test on `n`
+    // here, or LLVM would prove the mask redundant and drop it.
+    Some(svc.ready[((turn % n) as usize) & (MAX_BACKENDS - 1)] as usize)
 }
 
 /// The reverse key template for replies from `backend` to this node; the

@@ -175,6 +175,34 @@ pub struct ServiceSection {
     /// Backends as `"IPv4:port"`, 1 to 16, in round-robin order. Required,
     /// no default.
     pub backends: Vec<String>,
+    /// How new connections pick a READY backend: `"round_robin"` (default)
+    /// or `"first"`: the first READY backend in `backends` order takes them
+    /// all and the others stand by (HAProxy's `balance first`), so a client
+    /// reads its own writes on its next connection.
+    #[serde(default)]
+    pub scheduler: Scheduler,
+}
+
+/// `[[service]] scheduler`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    /// Each new connection takes the next READY backend.
+    #[default]
+    #[serde(alias = "roundrobin")]
+    RoundRobin,
+    /// Every new connection takes the first READY backend in configured
+    /// order.
+    First,
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scheduler::RoundRobin => "round_robin",
+            Scheduler::First => "first",
+        })
+    }
 }
 
 /// Default `[admin] socket`.
@@ -336,8 +364,9 @@ impl fmt::Display for SnatPortRange {
 pub struct ServiceConfig {
     pub vip: Ipv4Addr,
     pub port: u16,
-    /// In round-robin order; the index is the backend's slot.
+    /// In configured order; the index is the backend's slot.
     pub backends: Vec<SocketAddrV4>,
+    pub scheduler: Scheduler,
 }
 
 /// Default `[vrrp] priority`.
@@ -1038,6 +1067,7 @@ impl ServiceSection {
             vip,
             port: self.port,
             backends,
+            scheduler: self.scheduler,
         })
     }
 }
@@ -1085,6 +1115,7 @@ backends = ["198.18.0.1:6380", "198.18.0.2:6380"]
 vip = "198.18.0.100"
 port = 6381
 backends = ["198.18.0.3:7000"]
+scheduler = "first"
 "#;
 
     const MINIMAL: &str = r#"
@@ -1145,6 +1176,28 @@ backends = ["198.18.0.2:6380"]
             ]
         );
         assert_eq!(c.services[1].port, 6381);
+        assert_eq!(c.services[0].scheduler, Scheduler::RoundRobin);
+        assert_eq!(c.services[1].scheduler, Scheduler::First);
+    }
+
+    #[test]
+    fn scheduler_names() {
+        let svc = |v: &str| {
+            MINIMAL.replace(
+                "port = 6380\n",
+                &format!("port = 6380\nscheduler = {v:?}\n"),
+            )
+        };
+        for (name, want) in [
+            ("round_robin", Scheduler::RoundRobin),
+            ("roundrobin", Scheduler::RoundRobin),
+            ("first", Scheduler::First),
+        ] {
+            let c = parse(&svc(name), "balancer.toml").unwrap();
+            assert_eq!(c.services[0].scheduler, want, "{name}");
+        }
+        let err = crate::error_chain(&parse(&svc("leastconn"), "balancer.toml").unwrap_err());
+        assert!(err.contains("leastconn") && err.contains("first"), "{err}");
     }
 
     #[test]

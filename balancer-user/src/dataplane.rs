@@ -23,12 +23,12 @@ use aya::{
 };
 use balancer_common::{
     conntrack_entries, names, Backend, FlowEntry, FlowKey, Service, ServiceKey, Settings,
-    BACKEND_LOCAL, IPPROTO_TCP, MAX_BACKENDS, SERVICE_ACTIVE,
+    BACKEND_LOCAL, IPPROTO_TCP, MAX_BACKENDS, SERVICE_ACTIVE, SERVICE_SCHEDULER_FIRST,
 };
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{Dataplane, ServiceConfig},
+    config::{Dataplane, Scheduler, ServiceConfig},
     error_chain,
     pins::LINK_PIN_NAME,
     xdp_mode::Plan,
@@ -168,6 +168,9 @@ pub fn service_entry(
     value.ready_count = count as u32;
     if active {
         value.flags |= SERVICE_ACTIVE;
+    }
+    if service.scheduler == Scheduler::First {
+        value.flags |= SERVICE_SCHEDULER_FIRST;
     }
     (key, value)
 }
@@ -515,6 +518,7 @@ mod tests {
                 "198.18.0.1:6380".parse().unwrap(),
                 "198.18.0.2:7000".parse().unwrap(),
             ],
+            scheduler: Scheduler::RoundRobin,
         }
     }
 
@@ -548,6 +552,18 @@ mod tests {
         let (_, inactive) = service_entry(3, &service(), false, |_| false);
         assert_eq!(inactive.flags, 0);
         assert!(inactive.backends[..2].iter().all(|b| b.flags == 0));
+    }
+
+    #[test]
+    fn scheduler_first_is_a_service_flag() {
+        let first = ServiceConfig {
+            scheduler: Scheduler::First,
+            ..service()
+        };
+        let (_, value) = service_entry(0, &first, true, |_| false);
+        assert_eq!(value.flags, SERVICE_ACTIVE | SERVICE_SCHEDULER_FIRST);
+        let (_, value) = service_entry(0, &service(), false, |_| false);
+        assert_eq!(value.flags & SERVICE_SCHEDULER_FIRST, 0);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use balancer_common::{
     backend_stats_index, counter, names, FlowEntry, FlowKey, Service, ServiceKey, TrafficStats,
-    BACKEND_LOCAL, SERVICE_ACTIVE,
+    BACKEND_LOCAL, SERVICE_ACTIVE, SERVICE_SCHEDULER_FIRST,
 };
 
 use crate::pins::versioned_dir;
@@ -56,6 +56,8 @@ pub struct ServiceRow {
     pub id: u32,
     pub vip: SocketAddrV4,
     pub active: bool,
+    /// "round_robin", or "first" ([`SERVICE_SCHEDULER_FIRST`]).
+    pub scheduler: &'static str,
     pub traffic: TrafficStats,
     pub backends: Vec<BackendRow>,
 }
@@ -163,6 +165,11 @@ impl PinnedMaps {
                 id: value.id,
                 vip: SocketAddrV4::new(ipv4(key.vip), port(key.port)),
                 active: value.flags & SERVICE_ACTIVE != 0,
+                scheduler: if value.flags & SERVICE_SCHEDULER_FIRST != 0 {
+                    "first"
+                } else {
+                    "round_robin"
+                },
                 traffic,
                 backends,
             });
@@ -314,6 +321,7 @@ mod tests {
                 id: 0,
                 vip: "198.18.0.100:6380".parse().unwrap(),
                 active: true,
+                scheduler: "round_robin",
                 traffic: TrafficStats {
                     packets: 10,
                     bytes: 1000,

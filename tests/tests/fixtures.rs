@@ -6,7 +6,9 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{ensure, Context, Result};
-use balancer_common::{counter, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_CLOSING, FLOW_FIN_SEEN};
+use balancer_common::{
+    counter, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_CLOSING, FLOW_FIN_SEEN, SERVICE_SCHEDULER_FIRST,
+};
 use balancer_tests::{
     fixture::{
         active_service, backend, host_addr, mac_of, with_dataplane, Case, Dataplane, Expected,
@@ -990,5 +992,41 @@ fn backend_on_another_interface_is_reached_by_redirect() -> Result<()> {
             )
             .on(Ingress::Fy0),
         ])
+    })
+}
+
+#[test]
+fn scheduler_first_sends_every_new_connection_to_the_first_ready_backend() -> Result<()> {
+    with_dataplane(|dp| {
+        let backends = [backend(1), backend(2), backend(3)];
+        let mut svc = active_service(4, &backends);
+        svc.flags |= SERVICE_SCHEDULER_FIRST;
+        dp.set_vip_service(&svc)?;
+        for port in 40200..40206 {
+            let flow = dp.open_flow(&syn(port))?;
+            ensure!(
+                flow.slot == 0 && flow.backend.0 == backends[0],
+                "SYN {port} went to slot {} ({:?}), not the first backend",
+                flow.slot,
+                flow.backend
+            );
+        }
+        // The first backend leaves the READY set: the next one in
+        // configured order takes every new connection.
+        svc.ready[..2].copy_from_slice(&[1, 2]);
+        svc.ready_count = 2;
+        dp.set_vip_service(&svc)?;
+        for port in 40210..40214 {
+            let flow = dp.open_flow(&syn(port))?;
+            ensure!(
+                flow.slot == 1,
+                "SYN {port} went to slot {}, not slot 1",
+                flow.slot
+            );
+        }
+        ensure!(dp.backend_stats(4, 0)?.new_flows == 6);
+        ensure!(dp.backend_stats(4, 1)?.new_flows == 4);
+        ensure!(dp.backend_stats(4, 2)?.new_flows == 0);
+        Ok(())
     })
 }

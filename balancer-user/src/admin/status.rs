@@ -168,6 +168,9 @@ pub struct ServiceInfo {
     pub vip: SocketAddrV4,
     /// The data plane serves it on this node (the node holds the VIP).
     pub active: bool,
+    /// "round_robin" or "first".
+    #[serde(default)]
+    pub scheduler: String,
     /// The backends new connections go to, as the data plane has them now.
     pub ready_set: Vec<SocketAddrV4>,
     pub traffic: Traffic,
@@ -345,6 +348,7 @@ impl Status {
                 id: row.id,
                 vip: row.vip,
                 active: row.active,
+                scheduler: row.scheduler.into(),
                 ready_set: row
                     .backends
                     .iter()
@@ -524,9 +528,10 @@ pub fn render_text(status: &Status, now: f64) -> String {
         let set: Vec<String> = s.ready_set.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             out,
-            "Service    {}: {}, READY set: {}",
+            "Service    {}: {}, scheduler {}, READY set: {}",
             s.vip,
             if s.active { "active" } else { "inactive" },
+            s.scheduler,
             if set.is_empty() {
                 "(empty)".to_string()
             } else {
@@ -729,6 +734,7 @@ pub(crate) mod tests {
                 id: 0,
                 vip: addr("198.18.0.100:6380"),
                 active: true,
+                scheduler: "round_robin",
                 traffic: TrafficStats {
                     packets: 30,
                     bytes: 3000,

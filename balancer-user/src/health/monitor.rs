@@ -1089,6 +1089,7 @@ mod tests {
             vip: Ipv4Addr::new(127, 0, 0, 1),
             port: 1,
             backends: vec![a_addr, b_addr],
+            scheduler: crate::config::Scheduler::RoundRobin,
         };
 
         let root = std::path::PathBuf::from(format!(
