@@ -3,7 +3,7 @@
 //! Only IPv4/TCP packets to a configured service whose VIP this node holds,
 //! and replies from remote backends to this node's SNAT ports, are touched.
 //! Everything else is `XDP_PASS`, byte for byte. See `balancer-common` for the
-//! map layouts and the counters, and ARCHITECTURE.md for the design.
+//! map layouts and the counters, and docs/ARCHITECTURE.md for the design.
 //!
 //! Not here: anything that needs state beyond the maps (health, election),
 //! logging on the per-packet path.
