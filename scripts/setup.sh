@@ -59,6 +59,14 @@ else
     say "ok: bpf-linker"
 fi
 
+# 3b. cargo-fuzz, for the libFuzzer targets under fuzz/ (`cargo xtask fuzz`).
+if ! command -v cargo-fuzz >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-fuzz" ]; then
+    say "building cargo-fuzz 0.13.2 (about two minutes)"
+    cargo +stable install --locked cargo-fuzz --version 0.13.2
+else
+    say "ok: cargo-fuzz"
+fi
+
 # 4. bpffs.
 if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
     say "mounting bpffs on /sys/fs/bpf"

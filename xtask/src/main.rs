@@ -40,6 +40,13 @@ enum Cmd {
     },
     /// Install what is missing, build, and run the namespace lab demo.
     Demo,
+    /// Run every fuzz target under fuzz/ (cargo fuzz, libFuzzer) for a
+    /// bounded time; fails on any crash. `cargo xtask test` runs it too.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = FUZZ_SECONDS)]
+        seconds: u64,
+    },
     /// Install what is missing, build, and benchmark: per-packet cost,
     /// redis-benchmark direct / through XDP / through HAProxy, CPU, failover
     /// against keepalived + HAProxy. Writes
@@ -79,6 +86,7 @@ fn main() -> Result<()> {
                 test.arg("--").args(args);
             }
             let tests = run_tests(test)?;
+            let fuzz = fuzz(&root, FUZZ_SECONDS)?;
             // A smoke run of the benchmark harness, so it cannot rot; its
             // figures are not judged here.
             let bin = root.join("target/debug");
@@ -87,12 +95,21 @@ fn main() -> Result<()> {
                 .env("BALANCER_BIN", bin.join("balancer"))
                 .arg("--quick");
             let smoke = run(bench).context("benchmark smoke run (`cargo xtask bench --quick`)");
-            // The closing line counts every test binary.
+            // The closing line counts every test binary, and each fuzz
+            // target as one test.
             println!(
                 "xtask test: {} passed, {} failed",
-                tests.passed, tests.failed
+                tests.passed + fuzz.passed,
+                tests.failed + fuzz.failed
             );
-            tests.result.and(smoke)
+            tests.result.and(fuzz.result).and(smoke)
+        }
+        Cmd::Fuzz { seconds } => {
+            setup(&root)?;
+            build_ebpf(&root)?;
+            let fuzz = fuzz(&root, seconds)?;
+            println!("xtask fuzz: {} passed, {} failed", fuzz.passed, fuzz.failed);
+            fuzz.result
         }
         Cmd::Demo => {
             setup(&root)?;
@@ -117,6 +134,68 @@ fn main() -> Result<()> {
             run(bench)
         }
     }
+}
+
+/// The fuzz targets of fuzz/Cargo.toml.
+const FUZZ_TARGETS: [&str; 4] = ["vrrp_advert", "resp_reply", "info", "config"];
+/// Default seconds per fuzz target.
+const FUZZ_SECONDS: u64 = 60;
+
+/// Builds the fuzz targets once, then runs each for `seconds` from its seed
+/// corpus (fuzz/corpus/<target>, read only; new inputs go to
+/// target/fuzz-corpus/), as many at once as there are CPUs.
+fn fuzz(root: &Path, seconds: u64) -> Result<TestRun> {
+    let mut build = cargo(root);
+    build.args(["+nightly", "fuzz", "build", "--fuzz-dir", "fuzz"]);
+    run(build).context("building the fuzz targets (cargo fuzz, installed by scripts/setup.sh)")?;
+    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut crashed = Vec::new();
+    for batch in FUZZ_TARGETS.chunks(parallel) {
+        let mut children = Vec::new();
+        for target in batch {
+            let work = root.join("target/fuzz-corpus").join(target);
+            let artifacts = root.join("target/fuzz-artifacts").join(target);
+            std::fs::create_dir_all(&work)?;
+            std::fs::create_dir_all(&artifacts)?;
+            let mut c = cargo(root);
+            c.args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", target])
+                .arg(&work)
+                .arg(root.join("fuzz/corpus").join(target))
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .arg(format!("-artifact_prefix={}/", artifacts.display()))
+                .arg("-print_final_stats=1");
+            let shown = format!("{c:?}");
+            let child = c.spawn().with_context(|| format!("spawn {shown}"))?;
+            children.push((*target, child));
+        }
+        for (target, mut child) in children {
+            if child.wait()?.success() {
+                println!("xtask fuzz: {target}: no crash in {seconds} s");
+                passed += 1;
+            } else {
+                println!(
+                    "xtask fuzz: {target}: CRASH, input saved under target/fuzz-artifacts/{target}/"
+                );
+                failed += 1;
+                crashed.push(target);
+            }
+        }
+    }
+    let result = if crashed.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "fuzz targets crashed: {}",
+            crashed.join(", ")
+        ))
+    };
+    Ok(TestRun {
+        passed,
+        failed,
+        result,
+    })
 }
 
 fn workspace_root() -> PathBuf {

@@ -30,11 +30,11 @@ mod check;
 mod config;
 mod damping;
 pub mod fake;
-mod info;
+pub mod info;
 pub mod monitor;
 mod policy;
 pub mod report;
-mod resp;
+pub mod resp;
 
 #[cfg(test)]
 mod redis_tests;
