@@ -45,6 +45,14 @@ else
     say "ok: nightly rust-src"
 fi
 
+# 2b. clippy and rustfmt for the stable toolchain (`cargo xtask test` lints).
+for comp in clippy rustfmt; do
+    if ! rustup component list --toolchain stable --installed 2>/dev/null | grep -q "^$comp"; then
+        say "adding $comp to the stable toolchain"
+        rustup component add "$comp" --toolchain stable
+    fi
+done
+
 # 3. bpf-linker, linked against the nightly toolchain's own libLLVM.
 if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linker" ]; then
     sysroot=$(rustc +nightly --print sysroot)

@@ -71,6 +71,7 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup(&root)?;
             build(&root, false)?;
+            lint(&root)?;
             let mut test = cargo(&root);
             // Unit, integration and binary tests; no doc tests (none exist,
             // and their empty runs would close the output).
@@ -288,6 +289,24 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
         }
     }
     Some((passed?, failed?))
+}
+
+/// `cargo fmt --check` and clippy with warnings as errors over the host
+/// workspace: a test run fails on either.
+fn lint(root: &Path) -> Result<()> {
+    let mut fmt = cargo(root);
+    fmt.args(["fmt", "--all", "--check"]);
+    run(fmt).context("formatting (run `cargo fmt --all`)")?;
+    let mut clippy = cargo(root);
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(clippy).context("clippy")
 }
 
 fn setup(root: &Path) -> Result<()> {
