@@ -167,15 +167,25 @@ fn fuzz(root: &Path, seconds: u64) -> Result<TestRun> {
                 .arg(format!("-max_total_time={seconds}"))
                 .arg(format!("-artifact_prefix={}/", artifacts.display()))
                 .arg("-print_final_stats=1");
+            // libFuzzer reports every new coverage point: keep its chatter
+            // in a log, shown when the target crashes.
+            let log_path = artifacts.join("fuzz.log");
+            let log = std::fs::File::create(&log_path)?;
+            c.stdout(log.try_clone()?).stderr(log);
             let shown = format!("{c:?}");
             let child = c.spawn().with_context(|| format!("spawn {shown}"))?;
-            children.push((*target, child));
+            children.push((*target, child, log_path));
         }
-        for (target, mut child) in children {
+        for (target, mut child, log_path) in children {
             if child.wait()?.success() {
                 println!("xtask fuzz: {target}: no crash in {seconds} s");
                 passed += 1;
             } else {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                for line in tail.iter().rev() {
+                    println!("  {line}");
+                }
                 println!(
                     "xtask fuzz: {target}: CRASH, input saved under target/fuzz-artifacts/{target}/"
                 );
