@@ -12,8 +12,9 @@ fi
 
 # 1. Debian packages the tests, demo and benchmarks use.
 #    redis-tools brings redis-cli and redis-benchmark; systemd brings
-#    systemd-analyze, which checks scripts/balancer.service.
-pkgs=(redis-server redis-tools bpftool iproute2 ethtool keepalived haproxy tcpdump procps psmisc systemd)
+#    systemd-analyze, which checks scripts/balancer.service; lintian checks
+#    the Debian package.
+pkgs=(redis-server redis-tools bpftool iproute2 ethtool keepalived haproxy tcpdump procps psmisc systemd lintian)
 missing=()
 for p in "${pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -73,6 +74,14 @@ if ! command -v cargo-fuzz >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-fuz
     cargo +stable install --locked cargo-fuzz --version 0.13.2
 else
     say "ok: cargo-fuzz"
+fi
+
+# 3c. cargo-deb, for the Debian package (`cargo xtask deb`).
+if ! command -v cargo-deb >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-deb" ]; then
+    say "building cargo-deb 3.8.0 (about two minutes)"
+    cargo +stable install --locked cargo-deb --version 3.8.0
+else
+    say "ok: cargo-deb"
 fi
 
 # 4. bpffs.

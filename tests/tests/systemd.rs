@@ -205,7 +205,7 @@ fn unit_file_passes_systemd_analyze_verify() -> Result<()> {
     let shipped = workspace_dir().join("scripts/balancer.service");
     let unit =
         fs::read_to_string(&shipped).with_context(|| format!("read {}", shipped.display()))?;
-    const EXEC: &str = "ExecStart=/usr/local/sbin/balancer run --config /etc/balancer.toml";
+    const EXEC: &str = "ExecStart=/usr/sbin/balancer run --config /etc/balancer/balancer.toml";
     ensure!(unit.contains(EXEC), "{} lacks {EXEC}", shipped.display());
     for line in [
         "Type=notify",
@@ -221,7 +221,7 @@ fn unit_file_passes_systemd_analyze_verify() -> Result<()> {
     fs::create_dir_all(&dir)?;
     let copy = dir.join("balancer.service");
     let exec = format!(
-        "ExecStart={} run --config /etc/balancer.toml",
+        "ExecStart={} run --config /etc/balancer/balancer.toml",
         balancer_bin().display()
     );
     fs::write(&copy, unit.replace(EXEC, &exec))?;

@@ -40,6 +40,10 @@ enum Cmd {
     },
     /// Install what is missing, build, and run the namespace lab demo.
     Demo,
+    /// Build the Debian package target/debian/balancer_<version>_<arch>.deb
+    /// (release binary with the XDP object embedded, systemd unit, example
+    /// config as a conffile, shell completions).
+    Deb,
     /// Run every fuzz target under fuzz/ (cargo fuzz, libFuzzer) for a
     /// bounded time; fails on any crash. `cargo xtask test` runs it too.
     Fuzz {
@@ -72,6 +76,9 @@ fn main() -> Result<()> {
             setup(&root)?;
             build(&root, false)?;
             lint(&root)?;
+            // tests/tests/deb.rs checks the package, built as `cargo xtask
+            // deb` builds it.
+            deb(&root)?;
             let mut test = cargo(&root);
             // Unit, integration and binary tests; no doc tests (none exist,
             // and their empty runs would close the output).
@@ -111,6 +118,11 @@ fn main() -> Result<()> {
             let fuzz = fuzz(&root, seconds)?;
             println!("xtask fuzz: {} passed, {} failed", fuzz.passed, fuzz.failed);
             fuzz.result
+        }
+        Cmd::Deb => {
+            setup(&root)?;
+            build_ebpf(&root)?;
+            deb(&root)
         }
         Cmd::Demo => {
             setup(&root)?;
@@ -343,6 +355,43 @@ fn build_ebpf(root: &Path) -> Result<()> {
     }
     println!("xtask: XDP object at {}", out.display());
     Ok(())
+}
+
+/// Builds the release agent, its shell completions into
+/// target/release/completions/, and the package with cargo-deb (binary
+/// stripped); the XDP object must be built already.
+fn deb(root: &Path) -> Result<()> {
+    let mut c = cargo(root);
+    c.args([
+        "build",
+        "--release",
+        "-p",
+        "balancer-user",
+        "--bin",
+        "balancer",
+    ]);
+    run(c)?;
+    let out = root.join("target/release");
+    let bin = out.join("balancer");
+    let dir = out.join("completions");
+    std::fs::create_dir_all(&dir)?;
+    for (shell, file) in [
+        ("bash", "balancer.bash"),
+        ("zsh", "_balancer"),
+        ("fish", "balancer.fish"),
+    ] {
+        let out = Command::new(&bin)
+            .args(["completions", shell])
+            .output()
+            .with_context(|| format!("run {}", bin.display()))?;
+        if !out.status.success() {
+            bail!("{} completions {shell}: {}", bin.display(), out.status);
+        }
+        std::fs::write(dir.join(file), out.stdout)?;
+    }
+    let mut c = cargo(root);
+    c.args(["deb", "-p", "balancer-user", "--no-build", "--strip"]);
+    run(c).context("cargo deb (installed by scripts/setup.sh)")
 }
 
 fn build(root: &Path, release: bool) -> Result<()> {
