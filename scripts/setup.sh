@@ -13,8 +13,8 @@ fi
 # 1. Debian packages the tests, demo and benchmarks use.
 #    redis-tools brings redis-cli and redis-benchmark; systemd brings
 #    systemd-analyze, which checks scripts/balancer.service; lintian checks
-#    the Debian package.
-pkgs=(redis-server redis-tools bpftool iproute2 ethtool keepalived haproxy tcpdump procps psmisc systemd lintian)
+#    the Debian package; chromium loads the status page in tests/tests/status_page.rs.
+pkgs=(redis-server redis-tools bpftool iproute2 ethtool keepalived haproxy tcpdump procps psmisc systemd lintian chromium)
 missing=()
 for p in "${pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then

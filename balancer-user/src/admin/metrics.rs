@@ -7,6 +7,8 @@
 //! agent's and the data plane's own running totals (they restart at 0 with
 //! the agent).
 //!
+//! The same listener serves the status page on `GET /` ([`super::page`]).
+//!
 //! The HTTP side is hyper's HTTP/1 server and nothing more ([`serve`]):
 //! one request per connection (no keep-alive), the request head within
 //! [`HEADER_READ_TIMEOUT`], the whole exchange within
@@ -36,8 +38,10 @@ use tracing::{debug, warn};
 
 use super::{status::Status, StatusProvider};
 
-/// The only path served.
+/// The Prometheus exposition.
 pub const METRICS_PATH: &str = "/metrics";
+/// The status page.
+pub const PAGE_PATH: &str = "/";
 /// Scrapes served at the same time; more connections are closed at once.
 pub const MAX_CONNECTIONS: usize = 8;
 /// The request head must arrive within this time.
@@ -446,8 +450,12 @@ fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
 
 /// The response to one request.
 async fn answer<B, P: StatusProvider>(request: &Request<B>, provider: &P) -> Response<Full<Bytes>> {
-    if request.uri().path() != METRICS_PATH {
-        return plain(StatusCode::NOT_FOUND, "not found: metrics are at /metrics");
+    let path = request.uri().path();
+    if path != METRICS_PATH && path != PAGE_PATH {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: metrics are at /metrics, the status page at /",
+        );
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
@@ -471,10 +479,19 @@ async fn answer<B, P: StatusProvider>(request: &Request<B>, provider: &P) -> Res
             )
         }
     };
-    let mut response = Response::new(Full::new(Bytes::from(render(&status))));
+    let (body, content_type) = if path == PAGE_PATH {
+        let now = super::status::unix_seconds(std::time::SystemTime::now());
+        (
+            super::page::render(&status, now),
+            "text/html; charset=utf-8",
+        )
+    } else {
+        (render(&status), prometheus_text::CONTENT_TYPE)
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static(prometheus_text::CONTENT_TYPE),
+        header::HeaderValue::from_static(content_type),
     );
     response
 }
@@ -679,7 +696,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn serves_metrics_and_nothing_else() {
+    async fn serves_metrics_the_page_and_nothing_else() {
         let (code, body) = exchange("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(code, 200);
         assert!(
@@ -688,7 +705,10 @@ mod tests {
         );
         let (code, body) = exchange("HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!((code, body.as_str()), (200, ""));
-        let (code, _) = exchange("GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let (code, body) = exchange("GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(code, 200);
+        assert!(body.starts_with("<!DOCTYPE html>"), "{body}");
+        let (code, _) = exchange("GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(code, 404);
         let (code, _) = exchange("GET /metrics/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(code, 404);

@@ -4,7 +4,8 @@
 //!   line in, one JSON reply out ([`protocol`]); `balancer status` is its
 //!   client ([`client`]).
 //! - [`metrics`]: Prometheus text on `GET /metrics` (`[admin]
-//!   metrics_listen`, loopback by default, or off).
+//!   metrics_listen`, loopback by default, or off), and on `GET /` of the
+//!   same listener the status page ([`page`]).
 //! - [`status`]: the document both are rendered from, joined from what the
 //!   election, the health monitor and the data plane publish
 //!   ([`AgentStatus`]), and its readable form.
@@ -46,6 +47,7 @@ use crate::{
 
 pub mod client;
 pub mod metrics;
+pub mod page;
 pub mod protocol;
 pub mod socket;
 pub mod status;

@@ -609,7 +609,7 @@ pub fn render_text(status: &Status, now: f64) -> String {
     out
 }
 
-fn health_label(health: &str) -> String {
+pub(crate) fn health_label(health: &str) -> String {
     match health {
         "ready" => "READY".into(),
         "unavailable" => "DOWN".into(),
@@ -620,7 +620,7 @@ fn health_label(health: &str) -> String {
 }
 
 /// "2h03m", "4m05s", "12s", "0.4s".
-fn duration(secs: f64) -> String {
+pub(crate) fn duration(secs: f64) -> String {
     let secs = secs.max(0.0);
     if secs < 10.0 {
         return format!("{secs:.1}s");
@@ -643,12 +643,12 @@ fn duration(secs: f64) -> String {
     }
 }
 
-fn ago(now: f64, at: f64) -> String {
+pub(crate) fn ago(now: f64, at: f64) -> String {
     duration(now - at)
 }
 
 /// `at` (Unix seconds) as "2026-11-26 13:51:46 UTC".
-fn utc(at: f64) -> String {
+pub(crate) fn utc(at: f64) -> String {
     let secs = at.max(0.0) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
