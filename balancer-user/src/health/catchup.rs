@@ -194,10 +194,10 @@ impl Tracker {
                     fallback = true;
                     continue;
                 }
-                PeerView::Loading => {
-                    *track = Track::Down;
-                    Some((None, Behind::PeerLoading))
-                }
+                // A peer that is loading takes no writes (`-LOADING`): a link
+                // caught up with its stream stays so; any other waits.
+                PeerView::Loading if matches!(track, Track::CaughtUp { .. }) && link.up => None,
+                PeerView::Loading => Some((None, Behind::PeerLoading)),
                 PeerView::Answered {
                     started,
                     replid,
@@ -334,6 +334,9 @@ pub struct Judge {
 struct State {
     tracker: Tracker,
     view: PeerView,
+    /// The backend's own `master_replid` at its last answer: a new one
+    /// means it restarted, even if no check saw it down.
+    replid: Option<String>,
     /// Has been READY and caught up since it last failed to answer. A
     /// backend that comes back (maybe restarted empty) without this ranks
     /// as catching up even while its link is down or syncing, so that it
@@ -349,6 +352,7 @@ impl Judge {
             .map(|_| State {
                 tracker: Tracker::new(),
                 view: PeerView::Unreachable,
+                replid: None,
                 caught_once: false,
             })
             .collect();
@@ -381,6 +385,18 @@ impl Judge {
             }
             return probe;
         };
+        let state = &mut self.states[index];
+        let replid = info.replication.replid.clone();
+        if replid.is_some() && state.replid.is_some() && replid != state.replid {
+            // Restarted between two checks (KeyDB draws a new replid at
+            // start): whatever it had may be gone.
+            tracing::info!(backend = %self.addrs[index], "new replication id: the backend restarted");
+            state.tracker.reset();
+            state.caught_once = false;
+        }
+        if replid.is_some() {
+            state.replid = replid;
+        }
         let own = self.addrs[index];
         let ended = info.started + probe.elapsed;
         let views: Vec<PeerView> = self.states.iter().map(|s| s.view.clone()).collect();
@@ -652,6 +668,26 @@ mod tests {
         let probe = p.poll(1, CAUGHT_UP_1);
         assert_eq!(badness(&probe), Badness::CatchingUp);
         assert!(probe.reason().unwrap().to_string().contains("peer loading"));
+    }
+
+    #[test]
+    fn a_caught_up_node_stays_ready_while_its_peer_loads() {
+        // KeyDB #365: the survivor full-syncs from the rejoiner and loads.
+        let mut p = Pair::healthy();
+        p.poll(2, &LOADING_1.replace("198.18.0.2", "198.18.0.1"));
+        assert!(p.poll(1, CAUGHT_UP_1).is_ready());
+    }
+
+    #[test]
+    fn a_restart_between_two_checks_is_seen_by_the_new_replid() {
+        let mut p = Pair::healthy();
+        // No failed check; node 1 answers with a new replid, mid-sync.
+        let syncing = p.poll(1, SYNCING_1);
+        assert_eq!(badness(&syncing), Badness::CatchingUp, "{syncing:?}");
+        // Without a restart, a link that is merely down keeps its rank.
+        let mut q = Pair::healthy();
+        let down = CAUGHT_UP_1.replace("master_link_status:up", "master_link_status:down");
+        assert_eq!(badness(&q.poll(1, &down)), Badness::ReplicaLinkDown);
     }
 
     #[test]

@@ -26,12 +26,12 @@ use std::fmt;
 /// | 1 | `ReplicaLinkDown` | only as the last resort |
 /// | 2 | `ReplicaSyncing` | only as the last resort |
 /// | 3 | `Loading` | only as the last resort, and only if already serving |
-/// | 4 | `CatchingUp` | only as the last resort |
+/// | 4 | `CatchingUp` | never (some peer that answers has more) |
 /// | 5 | `Unavailable` | never |
 ///
-/// `Loading` ranks above `CatchingUp` so that a survivor that is loading
-/// its peer's RDB keeps the clients rather than hand them to the peer that
-/// came back empty and has not caught up.
+/// A backend is `CatchingUp` only while a peer answers that has data it
+/// lacks; should every peer stop answering, it falls back to the link
+/// rule's rank and may serve again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Badness {
     /// Answers PING, `loading:0`, and is a master or a replica with a
@@ -69,7 +69,10 @@ impl Badness {
     /// now.
     pub fn last_resort(self, serving: bool) -> bool {
         match self {
-            Badness::Unavailable => false,
+            // A node catching up has less than some peer that answers
+            // (when no peer answers, the catch-up rule falls back to the
+            // link rule and the node is not `CatchingUp`).
+            Badness::Unavailable | Badness::CatchingUp => false,
             Badness::Loading => serving,
             _ => true,
         }
@@ -237,9 +240,9 @@ mod tests {
                 vec![],
             ),
             (
-                "a peer catching up serves when nothing else can",
-                vec![c(Loading), c(CatchingUp)],
-                vec![1],
+                "a node catching up never serves, not even alone",
+                vec![serving(CatchingUp), c(Unavailable)],
+                vec![],
             ),
             (
                 "a survivor syncing from the rejoiner beats the rejoiner",
