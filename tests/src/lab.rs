@@ -51,10 +51,12 @@ use crate::{
 
 pub mod fake;
 pub mod keepalived;
+pub mod keydb;
 pub mod writer;
 
 pub use fake::LoadingKeydb;
 pub use keepalived::KeepalivedConfig;
+pub use keydb::{require_keydb, KeydbOptions};
 pub use writer::{WriterConfig, WriterLoop, WriterReport};
 
 /// The service's virtual IP.

@@ -93,7 +93,25 @@ fn main() -> Result<()> {
             if !args.is_empty() {
                 test.arg("--").args(args);
             }
-            let tests = run_tests(test)?;
+            let keydb = keydb(&root)?;
+            let path = test_path(keydb.as_deref())?;
+            test.env("PATH", path);
+            if let Some(server) = &keydb {
+                test.env("BALANCER_KEYDB_SERVER", server);
+            }
+            // Tests that need something missing (KeyDB) append a line
+            // here and return; they are counted as skipped, not passed.
+            let skips = root.join("target/test-skips");
+            std::fs::create_dir_all(root.join("target"))?;
+            std::fs::write(&skips, "")?;
+            test.env("BALANCER_TEST_SKIPS", &skips);
+            let mut tests = run_tests(test)?;
+            let skipped = std::fs::read_to_string(&skips).unwrap_or_default();
+            let skipped: Vec<&str> = skipped.lines().filter(|l| !l.is_empty()).collect();
+            for line in &skipped {
+                println!("xtask test: {line}");
+            }
+            tests.passed = tests.passed.saturating_sub(skipped.len() as u64);
             let fuzz = fuzz(&root, FUZZ_SECONDS)?;
             // A smoke run of the benchmark harness, so it cannot rot; its
             // figures are not judged here.
@@ -106,9 +124,12 @@ fn main() -> Result<()> {
             // The closing line counts every test binary, and each fuzz
             // target as one test.
             println!(
-                "xtask test: {} passed, {} failed",
-                tests.passed + fuzz.passed,
-                tests.failed + fuzz.failed
+                "{}",
+                summary(
+                    tests.passed + fuzz.passed,
+                    tests.failed + fuzz.failed,
+                    skipped.len() as u64
+                )
             );
             tests.result.and(fuzz.result).and(smoke)
         }
@@ -129,6 +150,9 @@ fn main() -> Result<()> {
             build(&root, false)?;
             let mut demo = Command::new(root.join("target/debug/demo"));
             demo.env("BALANCER_BIN", root.join("target/debug/balancer"));
+            // The demo runs keydb-server when it is on PATH.
+            let keydb = keydb(&root)?;
+            demo.env("PATH", test_path(keydb.as_deref())?);
             run(demo)
         }
         Cmd::Bench { quick } => {
@@ -221,6 +245,56 @@ fn fuzz(root: &Path, seconds: u64) -> Result<TestRun> {
     })
 }
 
+/// Builds real KeyDB with `../shared/keydb/build.sh` (beside the
+/// repository, as CI has it; the script builds outside that folder, which
+/// may be read-only) and returns the `keydb-server` it printed on its last
+/// line. `None` without that folder; an error when the build fails.
+fn keydb(root: &Path) -> Result<Option<PathBuf>> {
+    let script = root.join("../shared/keydb/build.sh");
+    if !script.is_file() {
+        println!(
+            "xtask: no {}: tests that need KeyDB will be skipped",
+            script.display()
+        );
+        return Ok(None);
+    }
+    let shown = script.display().to_string();
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("spawn {shown}"))?;
+    if !out.status.success() {
+        bail!("{shown} failed: {}", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let server = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| PathBuf::from(l.trim()))
+        .with_context(|| format!("{shown} printed no path"))?;
+    if !server.is_file() {
+        bail!("{shown} printed {}, which is not a file", server.display());
+    }
+    println!("xtask: KeyDB at {}", server.display());
+    Ok(Some(server))
+}
+
+/// `PATH` with the directory of `keydb_server` first, when there is one
+/// (keydb-cli sits beside it).
+fn test_path(keydb_server: Option<&Path>) -> Result<std::ffi::OsString> {
+    let mut dirs: Vec<PathBuf> = keydb_server
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .into_iter()
+        .collect();
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    Ok(std::env::join_paths(dirs)?)
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -292,6 +366,16 @@ fn run_tests(mut cmd: Command) -> Result<TestRun> {
         failed,
         result,
     })
+}
+
+/// The closing line of `cargo xtask test`; skips are named only when some
+/// test was skipped.
+fn summary(passed: u64, failed: u64, skipped: u64) -> String {
+    let mut line = format!("xtask test: {passed} passed, {failed} failed");
+    if skipped > 0 {
+        line.push_str(&format!(", {skipped} skipped"));
+    }
+    line
 }
 
 /// `(passed, failed)` from a libtest line such as
@@ -406,7 +490,16 @@ fn build(root: &Path, release: bool) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_test_result;
+    use super::{parse_test_result, summary};
+
+    #[test]
+    fn summary_line_names_skips_only_when_there_are_some() {
+        assert_eq!(summary(10, 0, 0), "xtask test: 10 passed, 0 failed");
+        assert_eq!(
+            summary(9, 1, 2),
+            "xtask test: 9 passed, 1 failed, 2 skipped"
+        );
+    }
 
     #[test]
     fn reads_libtest_summary_lines() {

@@ -288,6 +288,8 @@ fn health_name(checked: bool, badness: Badness) -> &'static str {
         Badness::Ready => "ready",
         Badness::ReplicaLinkDown => "replica_link_down",
         Badness::ReplicaSyncing => "replica_syncing",
+        Badness::Loading => "loading",
+        Badness::CatchingUp => "catching_up",
         Badness::Unavailable => "unavailable",
     }
 }
@@ -615,6 +617,7 @@ pub(crate) fn health_label(health: &str) -> String {
         "unavailable" => "DOWN".into(),
         "replica_link_down" => "LINK-DOWN".into(),
         "replica_syncing" => "SYNCING".into(),
+        "catching_up" => "CATCHING-UP".into(),
         other => other.to_uppercase(),
     }
 }
@@ -713,6 +716,7 @@ pub(crate) mod tests {
             readiness: Readiness::Ready,
             role: None,
             elapsed: Duration::from_millis(1),
+            info: None,
         };
         local.record(&ok, Badness::Ready, at(1));
         let mut remote = BackendReport::new(addr(N2), false, Badness::Unavailable);

@@ -33,8 +33,9 @@ use tokio::{
 };
 
 use super::{
+    catchup::{self, Behind},
     config::HealthConfig,
-    info::{self, LinkState, Role},
+    info::{self, LinkState, Replication, Role},
     policy::Badness,
     resp::{self, Reply, RespError},
 };
@@ -148,12 +149,30 @@ pub enum NotReady {
         /// `Replica` or `ActiveReplica`.
         role: Role,
     },
+    /// Has not applied what its peer had written when the link came up
+    /// (see [`super::catchup`]).
+    #[error("catching up: {}", catching_up(*peer, *bytes, *why))]
+    CatchingUp {
+        /// The peer it is behind.
+        peer: std::net::SocketAddrV4,
+        /// Bytes of the peer's stream still to apply, when known.
+        bytes: Option<u64>,
+        /// Why, when the bytes are not known.
+        why: Behind,
+    },
+}
+
+fn catching_up(peer: std::net::SocketAddrV4, bytes: Option<u64>, why: Behind) -> String {
+    match bytes {
+        Some(n) => format!("{} behind {peer}", catchup::human_bytes(n)),
+        None => format!("{why} ({peer})"),
+    }
 }
 
 impl NotReady {
     /// Every [`NotReady::kind`], in a fixed order: the `reason` label of
     /// the health-check failure counters.
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "refused",
         "timeout",
         "socket_error",
@@ -165,6 +184,7 @@ impl NotReady {
         "bad_reply",
         "replica_link_down",
         "replica_syncing",
+        "catching_up",
     ];
 
     /// A short, stable snake_case name of the reason, without the
@@ -182,6 +202,7 @@ impl NotReady {
             NotReady::BadReply { .. } => "bad_reply",
             NotReady::ReplicaLinkDown { .. } => "replica_link_down",
             NotReady::ReplicaSyncing { .. } => "replica_syncing",
+            NotReady::CatchingUp { .. } => "catching_up",
         }
     }
 
@@ -204,6 +225,8 @@ impl NotReady {
         match self {
             NotReady::ReplicaLinkDown { .. } => Badness::ReplicaLinkDown,
             NotReady::ReplicaSyncing { .. } => Badness::ReplicaSyncing,
+            NotReady::Loading { .. } | NotReady::LoadingFlag => Badness::Loading,
+            NotReady::CatchingUp { .. } => Badness::CatchingUp,
             _ => Badness::Unavailable,
         }
     }
@@ -227,6 +250,18 @@ pub struct Probe {
     pub role: Option<Role>,
     /// How long the check took.
     pub elapsed: Duration,
+    /// What `INFO replication` said, when the check got that far with
+    /// `loading:0`: for the catch-up rule ([`super::catchup`]).
+    pub info: Option<ProbeInfo>,
+}
+
+/// The replication state one check read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeInfo {
+    /// When the check started (before its connect).
+    pub started: Instant,
+    /// The parsed `INFO replication`.
+    pub replication: Replication,
 }
 
 impl Probe {
@@ -378,7 +413,12 @@ impl Checker {
     pub async fn check(&self, backend: SocketAddr) -> Probe {
         let started = Instant::now();
         let mut stage = Stage::Connect;
-        let outcome = tokio::time::timeout(self.timeout, self.exchange(backend, &mut stage)).await;
+        let mut replication = None;
+        let outcome = tokio::time::timeout(
+            self.timeout,
+            self.exchange(backend, &mut stage, &mut replication),
+        )
+        .await;
         let outcome = outcome.unwrap_or(Err(NotReady::Timeout {
             stage,
             timeout: self.timeout,
@@ -399,6 +439,10 @@ impl Checker {
             readiness,
             role,
             elapsed: started.elapsed(),
+            info: replication.map(|replication| ProbeInfo {
+                started,
+                replication,
+            }),
         };
         tracing::trace!(%backend, ?probe, "health check");
         probe
@@ -406,7 +450,13 @@ impl Checker {
 
     /// The check without its timeout; keeps `stage` current so that a
     /// timeout can say what it interrupted.
-    async fn exchange(&self, backend: SocketAddr, stage: &mut Stage) -> Result<Role, NotReady> {
+    /// `replication` gets what `INFO replication` said, when it was read.
+    async fn exchange(
+        &self,
+        backend: SocketAddr,
+        stage: &mut Stage,
+        replication_out: &mut Option<Replication>,
+    ) -> Result<Role, NotReady> {
         *stage = Stage::Connect;
         let stream = TcpStream::connect(backend).await.map_err(|e| {
             if e.kind() == io::ErrorKind::ConnectionRefused {
@@ -475,7 +525,9 @@ impl Checker {
             detail: e.to_string(),
         })?;
         let role = replication.role;
-        match replication.link_state() {
+        let state = replication.link_state();
+        *replication_out = Some(replication);
+        match state {
             LinkState::InSync => Ok(role),
             LinkState::Down => Err(NotReady::ReplicaLinkDown { role }),
             LinkState::Syncing => Err(NotReady::ReplicaSyncing { role }),
@@ -601,6 +653,11 @@ mod tests {
             NotReady::ReplicaSyncing {
                 role: Role::Replica,
             },
+            NotReady::CatchingUp {
+                peer: "198.18.0.2:6380".parse().unwrap(),
+                bytes: None,
+                why: Behind::LinkNotUp,
+            },
         ];
         for reason in &all {
             assert_eq!(
@@ -664,14 +721,28 @@ mod tests {
             },
             NotReady::Closed { stage: Stage::Ping },
             NotReady::AuthRequired,
-            NotReady::Loading {
-                stage: Stage::InfoPersistence,
-            },
-            NotReady::LoadingFlag,
         ];
         for reason in unavailable {
             assert_eq!(reason.badness(), Badness::Unavailable, "{reason}");
         }
+        for reason in [
+            NotReady::Loading {
+                stage: Stage::InfoPersistence,
+            },
+            NotReady::LoadingFlag,
+        ] {
+            assert_eq!(reason.badness(), Badness::Loading, "{reason}");
+        }
+        let behind = NotReady::CatchingUp {
+            peer: "198.18.0.12:6380".parse().unwrap(),
+            bytes: Some(1_234_567),
+            why: Behind::Offsets,
+        };
+        assert_eq!(behind.badness(), Badness::CatchingUp);
+        assert_eq!(
+            behind.to_string(),
+            "catching up: 1.2 MB behind 198.18.0.12:6380"
+        );
         assert_eq!(
             NotReady::ReplicaLinkDown {
                 role: Role::ActiveReplica

@@ -17,7 +17,10 @@
 //! describe that link. Pure functions, no I/O: the checker feeds them the
 //! bulk strings it read.
 
-use std::fmt;
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 /// Most upstream links accepted in one `INFO replication`.
 pub const MAX_LINKS: usize = 64;
@@ -61,6 +64,29 @@ pub struct Link {
     pub syncing: bool,
     /// `master_link_down_since_seconds`, when reported and a number.
     pub down_since_secs: Option<i64>,
+    /// `master_host` and `master_port`, when the host is an IPv4 address:
+    /// which peer this link replicates from.
+    pub master: Option<SocketAddrV4>,
+    /// `master_last_io_seconds_ago`, when reported and a number (-1 while
+    /// the link is down).
+    pub last_io_secs: Option<i64>,
+    /// `slave_repl_offset`: how far into the master's replication stream
+    /// this backend has applied, when reported and a number.
+    pub applied_offset: Option<i64>,
+}
+
+impl Link {
+    /// A link with only its status known.
+    pub fn new(up: bool) -> Link {
+        Link {
+            up,
+            syncing: false,
+            down_since_secs: None,
+            master: None,
+            last_io_secs: None,
+            applied_offset: None,
+        }
+    }
 }
 
 /// The fields of `INFO replication` the health check reads.
@@ -70,6 +96,11 @@ pub struct Replication {
     pub role: Role,
     /// The links to its masters, in the order reported (empty for a master).
     pub links: Vec<Link>,
+    /// `master_replid`: the id of the replication stream this backend
+    /// sends to its own replicas (a new one after a restart).
+    pub replid: Option<String>,
+    /// `master_repl_offset`: how long that stream is, when a number.
+    pub stream_offset: Option<i64>,
 }
 
 /// How current a backend's dataset is, judged from its replication links.
@@ -151,7 +182,37 @@ pub fn parse_persistence(text: &[u8]) -> Result<Persistence, InfoError> {
 pub fn parse_replication(text: &[u8]) -> Result<Replication, InfoError> {
     let mut role = None;
     let mut links: Vec<Link> = Vec::new();
+    let mut replid = None;
+    let mut stream_offset = None;
+    // master_host and master_port come before the master_link_status that
+    // opens their link.
+    let mut host: Option<Ipv4Addr> = None;
+    let mut port: Option<u16> = None;
     for (field, value) in fields(text) {
+        match field {
+            b"master_replid" => {
+                if replid.is_some() {
+                    return Err(InfoError::Duplicate("master_replid"));
+                }
+                replid = Some(resp_text(value));
+                continue;
+            }
+            b"master_repl_offset" => {
+                if stream_offset.is_some() {
+                    return Err(InfoError::Duplicate("master_repl_offset"));
+                }
+                stream_offset = Some(number(value));
+                continue;
+            }
+            b"slave_repl_offset" => {
+                // Reported once per link, after that link's fields.
+                if let Some(link) = links.last_mut() {
+                    link.applied_offset = number(value);
+                }
+                continue;
+            }
+            _ => {}
+        }
         if field == b"role" {
             if role.is_some() {
                 return Err(InfoError::Duplicate("role"));
@@ -177,11 +238,21 @@ pub fn parse_replication(text: &[u8]) -> Result<Replication, InfoError> {
                     b"down" => false,
                     _ => return Err(bad_value(field, value)),
                 };
-                links.push(Link {
-                    up,
-                    syncing: false,
-                    down_since_secs: None,
-                });
+                let mut link = Link::new(up);
+                link.master = host
+                    .take()
+                    .zip(port.take())
+                    .map(|(h, p)| SocketAddrV4::new(h, p));
+                links.push(link);
+            }
+            b"host" => {
+                host = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+            }
+            b"port" => {
+                port = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+            }
+            b"last_io_seconds_ago" => {
+                links.last_mut().ok_or_else(|| orphan(field))?.last_io_secs = number(value);
             }
             b"sync_in_progress" => {
                 let syncing = flag(field, value)?;
@@ -203,7 +274,23 @@ pub fn parse_replication(text: &[u8]) -> Result<Replication, InfoError> {
     } else if links.is_empty() {
         return Err(InfoError::Missing("master_link_status"));
     }
-    Ok(Replication { role, links })
+    Ok(Replication {
+        role,
+        links,
+        replid: replid.flatten(),
+        stream_offset: stream_offset.flatten(),
+    })
+}
+
+/// A replication id: 40 hex digits; anything else is not one.
+fn resp_text(value: &[u8]) -> Option<String> {
+    (value.len() == 40 && value.iter().all(u8::is_ascii_hexdigit))
+        .then(|| String::from_utf8_lossy(value).into_owned())
+}
+
+/// A decimal integer, or `None`.
+fn number(value: &[u8]) -> Option<i64> {
+    std::str::from_utf8(value).ok().and_then(|v| v.parse().ok())
 }
 
 /// The `field:value` pairs of an INFO text; headers, blank lines and lines
@@ -332,9 +419,11 @@ mod tests {
         assert_eq!(
             r.links,
             vec![Link {
-                up: false,
-                syncing: false,
-                down_since_secs: Some(-1)
+                down_since_secs: Some(-1),
+                master: Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1)),
+                last_io_secs: Some(-1),
+                applied_offset: Some(1),
+                ..Link::new(false)
             }]
         );
         assert_eq!(r.link_state(), LinkState::Down);

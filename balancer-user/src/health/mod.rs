@@ -26,6 +26,7 @@
 //! pure. Not here: the election priority penalty (the election reads the
 //! monitor's readiness signal).
 
+pub mod catchup;
 mod check;
 mod config;
 mod damping;
@@ -42,7 +43,7 @@ mod redis_tests;
 mod tests;
 
 pub use check::{
-    Checker, HealthCheck, NotReady, Password, PasswordError, Probe, Readiness, Stage,
+    Checker, HealthCheck, NotReady, Password, PasswordError, Probe, ProbeInfo, Readiness, Stage,
     MAX_PASSWORD_LEN,
 };
 pub use config::{

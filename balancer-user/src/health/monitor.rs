@@ -60,6 +60,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{
+    catchup,
     report::{BackendReport, HealthReport},
     select_serving, BackendHealth, Badness, BadnessChange, Candidate, HealthCheck, HealthConfig,
     InitialHealth, Probe,
@@ -402,8 +403,10 @@ where
         sink.ready(id)
     });
     report.send_replace(core.initial_report());
+    let judge = catchup::Judge::new(core.backends());
     let shell = Shell {
         core,
+        judge,
         sink,
         has_ready_backend,
         report,
@@ -416,6 +419,8 @@ where
 
 struct Shell<S, F> {
     core: Core,
+    /// The catch-up rule, applied to each probe before it is damped.
+    judge: catchup::Judge,
     sink: S,
     has_ready_backend: watch::Sender<bool>,
     report: watch::Sender<HealthReport>,
@@ -455,6 +460,7 @@ where
             "health checks started"
         );
         while let Some((index, probe)) = rx.recv().await {
+            let probe = self.judge.judge(index, probe);
             self.handle(index, &probe);
         }
         warn!("every health check loop ended");
@@ -990,6 +996,7 @@ mod tests {
                     },
                     role: None,
                     elapsed: Duration::from_millis(1),
+                    info: None,
                 }
             }
         }

@@ -6,7 +6,10 @@
 //! turn a degraded service into no service. So: when at least one backend
 //! is [`Badness::Ready`], exactly the ready ones serve; otherwise the least
 //! bad backend that can still answer clients serves alone; a backend that
-//! cannot answer at all (refused, timed out, loading, ...) never serves.
+//! cannot answer at all (refused, timed out, ...) never serves. A loading
+//! backend keeps serving alone only if it is serving already (the survivor
+//! of a pair that full-syncs from its rejoining peer, KeyDB #365: reads go
+//! on, writes get `-LOADING`); it is never added.
 //!
 //! Pure: no I/O, no clock. The caller feeds it damped states (see
 //! [`super::BackendHealth`]) and writes the result to the data plane.
@@ -22,7 +25,13 @@ use std::fmt;
 /// | 0 | `Ready` | always |
 /// | 1 | `ReplicaLinkDown` | only as the last resort |
 /// | 2 | `ReplicaSyncing` | only as the last resort |
-/// | 3 | `Unavailable` | never |
+/// | 3 | `Loading` | only as the last resort, and only if already serving |
+/// | 4 | `CatchingUp` | never (some peer that answers has more) |
+/// | 5 | `Unavailable` | never |
+///
+/// A backend is `CatchingUp` only while a peer answers that has data it
+/// lacks; should every peer stop answering, it falls back to the link
+/// rule's rank and may serve again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Badness {
     /// Answers PING, `loading:0`, and is a master or a replica with a
@@ -38,8 +47,15 @@ pub enum Badness {
     /// to replace its dataset (a disk-based sync ends with a blocking load
     /// during which it answers `-LOADING`).
     ReplicaSyncing,
+    /// Answers, but its dataset is loading (`loading:1` or `-LOADING`).
+    Loading,
+    /// Answers, but has not applied what its peer had written when its
+    /// replication link came up, or came back (from being unavailable)
+    /// and has not caught up with its answering peer since
+    /// ([`super::catchup`]).
+    CatchingUp,
     /// Cannot serve at all: connection refused or timed out, AUTH failed,
-    /// dataset loading, an error or garbled reply.
+    /// an error or garbled reply.
     Unavailable,
 }
 
@@ -47,6 +63,19 @@ impl Badness {
     /// May take clients when nothing better exists.
     pub fn can_serve(self) -> bool {
         self != Badness::Unavailable
+    }
+
+    /// May take clients as the last resort, given whether it is serving
+    /// now.
+    pub fn last_resort(self, serving: bool) -> bool {
+        match self {
+            // A node catching up has less than some peer that answers
+            // (when no peer answers, the catch-up rule falls back to the
+            // link rule and the node is not `CatchingUp`).
+            Badness::Unavailable | Badness::CatchingUp => false,
+            Badness::Loading => serving,
+            _ => true,
+        }
     }
 }
 
@@ -56,6 +85,8 @@ impl fmt::Display for Badness {
             Badness::Ready => "ready",
             Badness::ReplicaLinkDown => "replica link down",
             Badness::ReplicaSyncing => "replica syncing",
+            Badness::Loading => "loading",
+            Badness::CatchingUp => "catching up",
             Badness::Unavailable => "unavailable",
         })
     }
@@ -76,8 +107,8 @@ pub struct Candidate {
 /// connections.
 ///
 /// - Some backend is `Ready`: all `Ready` backends, and only them.
-/// - None is `Ready`: the single least bad backend that
-///   [`can_serve`](Badness::can_serve); ties go to one already serving,
+/// - None is `Ready`: the single least bad backend that may serve as the
+///   [`last_resort`](Badness::last_resort); ties go to one already serving,
 ///   then to the lowest index, so the choice is deterministic.
 /// - None can serve: nothing.
 pub fn select_serving(candidates: &[Candidate]) -> Vec<usize> {
@@ -93,7 +124,7 @@ pub fn select_serving(candidates: &[Candidate]) -> Vec<usize> {
     candidates
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.badness.can_serve())
+        .filter(|(_, c)| c.badness.last_resort(c.serving))
         .min_by_key(|&(i, c)| (c.badness, !c.serving, i))
         .map(|(i, _)| vec![i])
         .unwrap_or_default()
@@ -120,9 +151,26 @@ mod tests {
 
     #[test]
     fn badness_order_is_explicit() {
-        let mut all = [Unavailable, ReplicaSyncing, Ready, ReplicaLinkDown];
+        let mut all = [
+            Unavailable,
+            CatchingUp,
+            ReplicaSyncing,
+            Loading,
+            Ready,
+            ReplicaLinkDown,
+        ];
         all.sort();
-        assert_eq!(all, [Ready, ReplicaLinkDown, ReplicaSyncing, Unavailable]);
+        assert_eq!(
+            all,
+            [
+                Ready,
+                ReplicaLinkDown,
+                ReplicaSyncing,
+                Loading,
+                CatchingUp,
+                Unavailable
+            ]
+        );
         assert!(Ready.can_serve() && ReplicaLinkDown.can_serve() && ReplicaSyncing.can_serve());
         assert!(!Unavailable.can_serve());
     }
@@ -182,6 +230,26 @@ mod tests {
                 vec![1],
             ),
             (
+                "a loading survivor keeps serving rather than a peer catching up",
+                vec![serving(Loading), c(CatchingUp)],
+                vec![0],
+            ),
+            (
+                "a loading backend is never added",
+                vec![c(Loading), c(Unavailable)],
+                vec![],
+            ),
+            (
+                "a node catching up never serves, not even alone",
+                vec![serving(CatchingUp), c(Unavailable)],
+                vec![],
+            ),
+            (
+                "a survivor syncing from the rejoiner beats the rejoiner",
+                vec![c(CatchingUp), serving(ReplicaSyncing)],
+                vec![1],
+            ),
+            (
                 "unavailable never serves, even as the last one",
                 vec![serving(Unavailable), c(Unavailable)],
                 vec![],
@@ -196,7 +264,14 @@ mod tests {
     /// hold whatever the states.
     #[test]
     fn invariants_over_all_states() {
-        let states = [Ready, ReplicaLinkDown, ReplicaSyncing, Unavailable];
+        let states = [
+            Ready,
+            ReplicaLinkDown,
+            ReplicaSyncing,
+            Loading,
+            CatchingUp,
+            Unavailable,
+        ];
         let mut all = Vec::new();
         for b in states {
             all.push(c(b));
@@ -208,11 +283,16 @@ mod tests {
                     let cands = [*a, *b, *d];
                     let chosen = select_serving(&cands);
                     let any_ready = cands.iter().any(|x| x.badness == Ready);
-                    let any_can = cands.iter().any(|x| x.badness.can_serve());
+                    let any_can = cands
+                        .iter()
+                        .any(|x| x.badness == Ready || x.badness.last_resort(x.serving));
                     // Never empty while something can serve.
                     assert_eq!(chosen.is_empty(), !any_can, "{cands:?}");
-                    // Nothing unavailable is ever chosen.
-                    assert!(chosen.iter().all(|&i| cands[i].badness.can_serve()));
+                    // Nothing unavailable, and no loading backend that was
+                    // not serving, is ever chosen.
+                    assert!(chosen
+                        .iter()
+                        .all(|&i| cands[i].badness.last_resort(cands[i].serving)));
                     if any_ready {
                         assert!(chosen.iter().all(|&i| cands[i].badness == Ready));
                         assert_eq!(
@@ -222,9 +302,8 @@ mod tests {
                     } else {
                         assert!(chosen.len() <= 1);
                         if let Some(&i) = chosen.first() {
-                            assert!(cands
-                                .iter()
-                                .all(|x| !x.badness.can_serve() || x.badness >= cands[i].badness));
+                            assert!(cands.iter().all(|x| !x.badness.last_resort(x.serving)
+                                || x.badness >= cands[i].badness));
                         }
                     }
                 }

@@ -142,6 +142,7 @@ mod tests {
             readiness,
             role: None,
             elapsed: Duration::from_millis(1),
+            info: None,
         }
     }
 

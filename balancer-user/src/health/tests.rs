@@ -66,7 +66,8 @@ async fn loading_server_is_never_ready() {
             );
             assert!(not_ready(&probe).is_loading());
             health.observe(probe.badness());
-            assert_eq!(health.badness(), Badness::Unavailable);
+            assert_eq!(health.badness(), Badness::Loading);
+            // Never added to a set it is not in.
             let alone = [Candidate {
                 badness: health.badness(),
                 serving: false,
@@ -74,17 +75,15 @@ async fn loading_server_is_never_ready() {
             assert!(select_serving(&alone).is_empty());
         }
     }
-    // A damped-up backend that starts loading leaves after `fall` checks.
+    // A damped-up backend that starts loading is no longer READY after
+    // `fall` checks (it stays only as the last one serving).
     let mut health = BackendHealth::new(2, 3, InitialHealth::Up);
     let mut badness = Vec::new();
     for _ in 0..3 {
         health.observe(checker.check(server.addr()).await.badness());
         badness.push(health.badness());
     }
-    assert_eq!(
-        badness,
-        [Badness::Ready, Badness::Ready, Badness::Unavailable]
-    );
+    assert_eq!(badness, [Badness::Ready, Badness::Ready, Badness::Loading]);
     assert_eq!(server.connections(), 13);
 }
 
@@ -103,7 +102,7 @@ async fn loading_behind_a_password_is_not_ready() {
 async fn loading_flag_is_not_ready() {
     let probe = check(Behaviour::loading_flag()).await;
     assert_eq!(not_ready(&probe), &NotReady::LoadingFlag);
-    assert_eq!(probe.badness(), Badness::Unavailable);
+    assert_eq!(probe.badness(), Badness::Loading);
 }
 
 #[tokio::test]
@@ -522,12 +521,14 @@ async fn rejoining_backend_through_every_state() {
     observe(checker.check(addr).await, &mut seen);
 
     use Badness::*;
+    // A loading server answers, so it counts towards `rise` for "can
+    // answer": the second check that answers (syncing) makes it usable.
     assert_eq!(
         seen,
         [
             Unavailable,
             Unavailable,
-            Unavailable,
+            ReplicaSyncing,
             ReplicaSyncing,
             ReplicaSyncing,
             Ready
