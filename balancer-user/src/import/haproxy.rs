@@ -451,6 +451,18 @@ pub fn parse(input: Input<'_>, warnings: &mut Warnings) -> Result<Proxies, Impor
     }
 
     let health = health(&checked, &unchecked, warnings);
+    let longest = idle.iter().map(|(secs, _, _)| *secs).max();
+    for (secs, _, origin) in &idle {
+        if Some(*secs) != longest {
+            warnings.warn(
+                origin,
+                format!(
+                    "an idle timeout of {secs} s: the agent has one idle_timeout_secs for every service, the longest ({} s)",
+                    longest.unwrap_or_default()
+                ),
+            );
+        }
+    }
     let idle_timeout_secs = idle
         .into_iter()
         .max_by_key(|(secs, _, _)| *secs)

@@ -722,7 +722,13 @@ fn read_instance(
                 ),
             );
         }
-        Sourced::new((whole as u64).min(255) * 1000, advert_from)
+        if whole > 255.0 {
+            return Err(error_at(
+                &advert_origin,
+                format!("advert_int {advert_s}: VRRPv2 allows at most 255 s"),
+            ));
+        }
+        Sourced::new(whole as u64 * 1000, advert_from)
     } else {
         let cs = (advert_s * 100.0).round().clamp(1.0, 4095.0);
         if cs / 100.0 != advert_s {

@@ -311,7 +311,8 @@ fn services(
             warnings.warn(
                 &vip.origin,
                 format!(
-                    "virtual_ipaddress {} has no HAProxy frontend: the agent holds only the VIPs of its services, so it is not converted",
+                    "virtual_ipaddress {} has no HAProxy frontend: the agent holds only the VIPs of its services, so it is not \
+                     converted; the adverts list one VIP fewer, which a keepalived peer still listing it drops",
                     vip.value
                 ),
             );

@@ -563,6 +563,10 @@ fn bad_keepalived_input_names_the_line() {
             "keepalived.conf:16: vrrp_instance VI_1 has no interface",
         ),
         ("global_defs {\n}\n".to_string(), "no vrrp_instance"),
+        (
+            SEED_NODE1.replace("advert_int 1", "advert_int 300"),
+            "keepalived.conf:21: advert_int 300: VRRPv2 allows at most 255 s",
+        ),
     ];
     for (conf, expected) in cases {
         // auth_type AH is an error only where keepalived uses it.
@@ -653,4 +657,33 @@ fn truncated_files_never_panic() {
             config::parse(&imported.config, "cut").unwrap();
         }
     }
+}
+
+#[test]
+fn two_frontends_share_one_idle_timeout_and_one_health() {
+    let cfg = format!(
+        "{HAPROXY}
+frontend keydb_other
+    bind 192.168.174.99:6381
+    timeout client 10s
+    default_backend keydb_other_servers
+
+backend keydb_other_servers
+    timeout server 10s
+    server k1 192.168.174.11:6381 check inter 500ms
+"
+    );
+    let (c, imported) = import(SEED_NODE1, &cfg, &at(NODE1));
+    assert_eq!(c.services.len(), 2);
+    assert_eq!(c.services[1].port, 6381);
+    assert_eq!(c.services[1].backends, vec![SocketAddrV4::new(NODE1, 6381)]);
+    assert_eq!(c.dataplane.idle_timeout.as_secs(), 60);
+    assert_eq!(c.health.interval_ms, 2000);
+    warned(&imported, "haproxy.cfg", 40, "the longest (60 s)");
+    warned(
+        &imported,
+        "haproxy.cfg",
+        45,
+        "differ from the first checked server's",
+    );
 }
