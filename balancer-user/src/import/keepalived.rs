@@ -745,29 +745,25 @@ fn read_instance(
         format!("keepalived's default ({})", unset("nopreempt")),
     );
     let mut preempt_delay_ms = None;
+    // keepalived 2.2.7 keeps nopreempt in strict mode (it resets only
+    // preempt_delay there).
     if let Some(line) = &nopreempt {
-        if let Some(origin) = &strict {
-            warnings.warn(
-                &line.origin,
-                format!(
-                    "nopreempt: keepalived ignores it in strict mode (vrrp_strict at {origin}: \
-                     \"nopreempt is incompatible with strict mode\"), so preempt stays true"
-                ),
-            );
-        } else {
-            preempt = Sourced::new(false, line.from());
-        }
+        preempt = Sourced::new(false, line.from());
     }
     if let Some((delay_s, line)) = &preempt_delay {
         if let Some(origin) = &strict {
             warnings.warn(
                 &line.origin,
-                format!("preempt_delay: keepalived ignores it in strict mode (vrrp_strict at {origin}); not converted"),
+                format!(
+                    "preempt_delay: not converted; keepalived ignores it in strict mode (vrrp_strict at {origin}: \
+                     \"preempt_delay is incompatible with strict mode - resetting\")"
+                ),
             );
         } else if !preempt.value {
             warnings.warn(
                 &line.origin,
-                "preempt_delay: not converted, it has no effect with nopreempt",
+                "preempt_delay: not converted; keepalived ignores it with nopreempt \
+                 (\"preempt_delay is incompatible with nopreempt mode - resetting\")",
             );
         } else {
             let ms = (delay_s * 1000.0).round() as u64;
@@ -792,16 +788,6 @@ fn read_instance(
              (strict keepalived drops traffic to the VIP unless `accept` is set)",
         );
     }
-    if let Some(origin) = &strict {
-        if !unicast_peers.is_empty() {
-            warnings.warn(
-                origin,
-                "vrrp_strict with unicast_peer: strict keepalived does not send unicast adverts; \
-                 converted as unicast_peers anyway, check what the keepalived peers actually do",
-            );
-        }
-    }
-
     let no_ready_backend_weight = match weight_from_scripts {
         None => {
             warnings.warn(

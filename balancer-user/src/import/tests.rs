@@ -317,29 +317,54 @@ fn unicast_peers_nopreempt_and_the_source_address() {
     assert!(e.contains("--address 192.168.174.11 differs"), "{e}");
 }
 
+/// As keepalived 2.2.7 reads them (`keepalived -t`): strict mode keeps
+/// `nopreempt` and resets `preempt_delay`, and `nopreempt` resets
+/// `preempt_delay` too.
 #[test]
-fn strict_mode_resets_nopreempt_as_keepalived_does() {
+fn preempt_delay_is_dropped_where_keepalived_resets_it() {
     let conf = SEED_NODE1.replace(
         "  advert_int 1\n",
         "  advert_int 1\n  nopreempt\n  preempt_delay 5\n",
     );
     let (c, imported) = import(&conf, HAPROXY, &at(NODE1));
-    assert!(c.vrrp.as_ref().unwrap().preempt);
+    let v = c.vrrp.unwrap();
+    assert!(!v.preempt);
+    assert_eq!(v.preempt_delay, std::time::Duration::ZERO);
+    warned(
+        &imported,
+        "keepalived.conf",
+        23,
+        "incompatible with strict mode",
+    );
+
+    let without_strict = conf.replace("  vrrp_strict\n", "");
+    let (_, imported) = import(&without_strict, HAPROXY, &at(NODE1));
     warned(
         &imported,
         "keepalived.conf",
         22,
-        "nopreempt is incompatible with strict mode",
+        "incompatible with nopreempt mode",
     );
-    warned(&imported, "keepalived.conf", 23, "preempt_delay");
 
-    let conf = conf
-        .replace("  vrrp_strict\n", "")
-        .replace("  nopreempt\n", "");
-    let (c, _) = import(&conf, HAPROXY, &at(NODE1));
+    let strict_preempting = conf.replace("  nopreempt\n", "");
+    let (c, imported) = import(&strict_preempting, HAPROXY, &at(NODE1));
+    assert_eq!(c.vrrp.unwrap().preempt_delay, std::time::Duration::ZERO);
+    warned(
+        &imported,
+        "keepalived.conf",
+        22,
+        "incompatible with strict mode",
+    );
+
+    let plain = strict_preempting.replace("  vrrp_strict\n", "");
+    let (c, imported) = import(&plain, HAPROXY, &at(NODE1));
     let v = c.vrrp.unwrap();
     assert!(v.preempt);
     assert_eq!(v.preempt_delay, std::time::Duration::from_secs(5));
+    assert_eq!(
+        comment_above(&imported, "preempt_delay_ms = 5000"),
+        "# from keepalived.conf:21 preempt_delay 5"
+    );
 }
 
 #[test]
