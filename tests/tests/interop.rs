@@ -127,6 +127,60 @@ impl Flavour {
     }
 }
 
+/// `balancer import` of each flavour's keepalived.conf gives the agent
+/// what keepalived puts on the wire (version, interval, authentication, as
+/// [`Flavour::receive_rules`] has it from real captures): for the seed's
+/// strict file, no `auth_pass`. Needs no root.
+#[test]
+fn import_of_each_flavour_matches_what_keepalived_sends() -> Result<()> {
+    use balancer_user::import::{convert, Input, Options};
+    let haproxy = format!(
+        "frontend keydb\n    bind {VIP}:6380\n    default_backend keydb\n\
+         backend keydb\n    timeout server 1m\n    server n1 {}:6380 check\n    server n2 {}:6380 check\n",
+        node_addr(1),
+        node_addr(2)
+    );
+    for flavour in [Flavour::V2Pass, Flavour::V3, Flavour::SeedStrict] {
+        let keepalived = flavour.keepalived(150).to_conf(1);
+        let imported = convert(
+            Input {
+                name: "keepalived.conf",
+                text: &keepalived,
+            },
+            Some(Input {
+                name: "haproxy.cfg",
+                text: &haproxy,
+            }),
+            &Options {
+                address: Some(node_addr(1)),
+                instance: None,
+            },
+        )
+        .with_context(|| format!("{flavour:?}:\n{keepalived}"))?;
+        let config = balancer_user::config::parse(&imported.config, "imported")
+            .with_context(|| imported.config.clone())?;
+        let vrrp = config.vrrp.clone().context("[vrrp]")?;
+        let wire = flavour.receive_rules();
+        ensure!(
+            (vrrp.version, vrrp.advert_interval_cs, &vrrp.auth)
+                == (wire.version, wire.adver_int_cs, &wire.auth),
+            "{flavour:?}: imported {:?}, keepalived sends {:?}",
+            (vrrp.version, vrrp.advert_interval_cs, &vrrp.auth),
+            (wire.version, wire.adver_int_cs, &wire.auth)
+        );
+        ensure!(
+            (vrrp.vrid, vrrp.priority, vrrp.preempt) == (CLUSTER_VRID, 150, true),
+            "{flavour:?}: {vrrp:?}"
+        );
+        ensure!(
+            config.vips() == vec![VIP],
+            "{flavour:?}: {:?}",
+            config.vips()
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn v2_pass_agent_master_keepalived_backup() -> Result<()> {
     interop("I2a", Flavour::V2Pass, true)
