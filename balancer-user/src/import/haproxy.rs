@@ -770,6 +770,8 @@ fn read_bind_address(
     };
     let address = match address {
         "" | "*" | "0.0.0.0" | "::" | "[::]" | ":" => None,
+        // An IPv6 address: the agent is IPv4 only.
+        a if a.contains(':') => return Ok(None),
         a => Some(a.parse::<Ipv4Addr>().map_err(|_| {
             error_at(
                 &line.origin,
@@ -795,7 +797,7 @@ fn read_binds(
             }),
             None => warnings.warn(
                 &line.origin,
-                format!("bind {text}: not an IPv4 address, not converted"),
+                format!("bind {text}: not an IPv4 address, not converted (the agent is IPv4 only)"),
             ),
         }
     }

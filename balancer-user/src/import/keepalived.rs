@@ -643,14 +643,18 @@ fn read_instance(
                 }
             }
             "notify" => {
-                let command = one_arg(line)?;
+                // keepalived takes the rest of the line as the command.
+                let command = line.args().join(" ");
+                if command.is_empty() {
+                    return Err(error_at(&line.origin, "notify needs a command"));
+                }
                 if command.starts_with('/') && !command.contains(char::is_whitespace) {
                     warnings.warn(
                         &line.origin,
                         "notify: converted, but the agent runs it as `notify <master|backup|fault|stopped> <vrid>`, \
                          not with keepalived's arguments (GROUP|INSTANCE name state priority)",
                     );
-                    notify = Some(Sourced::new(command.to_string(), line.from()));
+                    notify = Some(Sourced::new(command, line.from()));
                 } else {
                     warnings.warn(
                         &line.origin,

@@ -276,7 +276,8 @@ vrrp_instance KEYDB {
         eth1
     }
     notify_master /etc/keepalived/to_master.sh
-    notify /usr/local/bin/keepalived-notify
+    notify \"/usr/local/bin/keepalived-notify\"
+    notify_fault /etc/keepalived/fault.sh VI_1
 }
 ";
 
@@ -303,6 +304,20 @@ fn unicast_peers_nopreempt_and_the_source_address() {
     );
     warned(&imported, "keepalived.conf", 26, "keepalived's arguments");
     warned(&imported, "keepalived.conf", 25, "notify_master");
+    warned(
+        &imported,
+        "keepalived.conf",
+        27,
+        "notify_fault /etc/keepalived/fault.sh VI_1",
+    );
+    // With arguments, notify cannot be [vrrp] notify.
+    let with_args = UNICAST.replace(
+        "notify \"/usr/local/bin/keepalived-notify\"",
+        "notify /usr/local/bin/keepalived-notify --log",
+    );
+    let (c, imported) = import(&with_args, HAPROXY, &Options::default());
+    assert_eq!(c.vrrp.unwrap().notify, None);
+    warned(&imported, "keepalived.conf", 26, "without arguments");
     warned(&imported, "keepalived.conf", 19, "/32");
     warned(&imported, "keepalived.conf", 19, "label eth0:vip");
     warned(&imported, "keepalived.conf", 23, "track_interface eth1");
@@ -479,6 +494,26 @@ listen keydb
     warned(&imported, "haproxy.cfg", 9, "differ");
     warned(&imported, "haproxy.cfg", 9, "backup");
     warned(&imported, "haproxy.cfg", 10, "no `check`");
+
+    // IPv6 binds are left out; the IPv4 one converts.
+    let cfg = cfg.replace(
+        "    bind *:6380\n",
+        "    bind 192.168.174.99:6380,[fd00::99]:6380\n    bind /run/keydb.sock\n",
+    );
+    let (c, imported) = import(SEED_NODE1, &cfg, &at(NODE1));
+    assert_eq!(c.services.len(), 1);
+    warned(
+        &imported,
+        "haproxy.cfg",
+        2,
+        "[fd00::99]:6380: not an IPv4 address",
+    );
+    warned(
+        &imported,
+        "haproxy.cfg",
+        3,
+        "/run/keydb.sock: not an IPv4 address",
+    );
 }
 
 #[test]
