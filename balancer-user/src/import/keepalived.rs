@@ -441,12 +441,44 @@ fn read_globals(
                 &s.origin,
                 format!("{}: not converted (the agent runs [vrrp] notify as root)", s.keyword()),
             ),
-            _ => warnings.warn(
-                &s.origin,
-                format!("global_defs {}: not converted (no equivalent in the agent)", s.words.join(" ")),
-            ),
+            _ => unconverted(s, "global_defs", &[], warnings)?,
         }
     }
+    Ok(())
+}
+
+/// keepalived's `vrrp_instance` blocks the agent has no equivalent of.
+const INSTANCE_BLOCKS: &[&str] = &[
+    "virtual_routes",
+    "virtual_rules",
+    "track_file",
+    "track_process",
+    "track_bfd",
+    "track_src_ip",
+];
+
+/// A statement that is not converted: a warning, or an error for a block
+/// keepalived does not have (a typo such as `virtual_ipadress { ... }`
+/// would otherwise lose everything in it).
+fn unconverted(
+    s: &Statement,
+    within: &str,
+    known_blocks: &[&str],
+    warnings: &mut Warnings,
+) -> Result<(), ImportError> {
+    if s.block.is_some() && !known_blocks.contains(&s.keyword()) {
+        return Err(error_at(
+            &s.origin,
+            format!("unknown block `{} {{` in {within}", s.keyword()),
+        ));
+    }
+    warnings.warn(
+        &s.origin,
+        format!(
+            "{within} {}: not converted (the agent has no equivalent, or it is not a keepalived keyword)",
+            s.words.join(" ")
+        ),
+    );
     Ok(())
 }
 
@@ -677,10 +709,7 @@ fn read_instance(
             "garp_master_delay" => {
                 garp_delay = Some(Sourced::new((seconds(line)? * 1000.0).round() as u64, line.from()))
             }
-            _ => warnings.warn(
-                &line.origin,
-                format!("vrrp_instance {}: not converted (no equivalent in the agent)", line.words.join(" ")),
-            ),
+            _ => unconverted(line, "vrrp_instance", INSTANCE_BLOCKS, warnings)?,
         }
     }
 

@@ -564,6 +564,20 @@ fn without_the_node_address_the_servers_are_suggested() {
     assert!(e.contains("192.168.174.11, 192.168.174.19"), "{e}");
 }
 
+/// As keepalived ignores a keyword it does not know, with a warning.
+#[test]
+fn an_unknown_keyword_is_a_warning() {
+    let conf = SEED_NODE1.replace("  priority 101\n", "  priorty 101\n");
+    let (c, imported) = import(&conf, HAPROXY, &at(NODE1));
+    assert_eq!(c.vrrp.unwrap().priority, 100);
+    warned(
+        &imported,
+        "keepalived.conf",
+        20,
+        "priorty 101: not converted",
+    );
+}
+
 #[test]
 fn include_is_a_warning() {
     let conf = format!("include /etc/keepalived/conf.d/*.conf\n{SEED_NODE1}");
@@ -623,6 +637,14 @@ fn bad_keepalived_input_names_the_line() {
             "keepalived.conf:16: vrrp_instance VI_1 has no interface",
         ),
         ("global_defs {\n}\n".to_string(), "no vrrp_instance"),
+        (
+            SEED_NODE1.replace("virtual_ipaddress {", "virtual_ipadress {"),
+            "keepalived.conf:26: unknown block `virtual_ipadress {` in vrrp_instance",
+        ),
+        (
+            SEED_NODE1.replace("  notification_email {", "  notification {"),
+            "keepalived.conf:3: unknown block `notification {` in global_defs",
+        ),
         (
             SEED_NODE1.replace("advert_int 1", "advert_int 300"),
             "keepalived.conf:21: advert_int 300: VRRPv2 allows at most 255 s",
