@@ -205,6 +205,8 @@ pub struct Instance {
     pub no_ready_backend_weight: Sourced<u8>,
     pub garp_count: Option<Sourced<u32>>,
     pub garp_repeat_delay_ms: Option<Sourced<u64>>,
+    /// The `vrrp_script` names its `track_script` lists.
+    pub tracked_scripts: Vec<String>,
 }
 
 /// What `global_defs` sets that the instance uses.
@@ -321,7 +323,18 @@ pub fn parse(
             }
         },
     };
-    read_instance(chosen, &globals, &scripts, warnings)
+    let converted = read_instance(chosen, &globals, &scripts, warnings)?;
+    let mut names: Vec<&String> = scripts.keys().collect();
+    names.sort();
+    for name in names {
+        if !converted.tracked_scripts.contains(name) {
+            warnings.warn(
+                &scripts[name].origin,
+                format!("vrrp_script {name}: tracked by no converted instance: not converted"),
+            );
+        }
+    }
+    Ok(converted)
 }
 
 fn block_of(s: &Statement) -> Result<&[Statement], ImportError> {
@@ -541,6 +554,7 @@ fn read_instance(
     let mut vips = Vec::new();
     let mut notify = None;
     let mut weight_from_scripts: Option<(i32, String)> = None;
+    let mut tracked_scripts = Vec::new();
     let mut garp_count = globals
         .garp_repeat
         .clone()
@@ -654,7 +668,12 @@ fn read_instance(
                     if !from.is_empty() {
                         from.push_str(", ");
                     }
-                    from.push_str(&entry.from());
+                    from.push_str(&format!(
+                        "{} track_script {} (weight {weight})",
+                        entry.origin,
+                        entry.words.join(" ")
+                    ));
+                    tracked_scripts.push(entry.words[0].clone());
                 }
             }
             "track_interface" => {
@@ -887,6 +906,7 @@ fn read_instance(
         no_ready_backend_weight,
         garp_count,
         garp_repeat_delay_ms: garp_delay,
+        tracked_scripts,
     })
 }
 

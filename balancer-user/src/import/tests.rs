@@ -425,6 +425,18 @@ fn track_script_weights_become_the_no_ready_backend_weight() {
     let v = c.vrrp.unwrap();
     assert_eq!((v.priority, v.no_ready_backend_weight), (101, 30));
     warned(&imported, "keepalived.conf", 28, "the script is not run");
+    assert_eq!(
+        comment_above(&imported, "no_ready_backend_weight = 30"),
+        "# from keepalived.conf:28 track_script chk_keydb (weight -30)"
+    );
+    let untracked = format!("vrrp_script unused {{\n  script /bin/true\n}}\n{conf}");
+    let (_, imported) = import(&untracked, HAPROXY, &at(NODE1));
+    warned(
+        &imported,
+        "keepalived.conf",
+        1,
+        "vrrp_script unused: tracked by no",
+    );
     not_warned(&imported, "no track_script");
 
     // +W while the script succeeds: priority + W, minus W while not ready.
