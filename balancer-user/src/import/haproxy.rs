@@ -941,6 +941,19 @@ fn idle_timeout(
                     at.line.words.join(" ")
                 ),
             );
+            for other in [tunnel, client, server].into_iter().flatten() {
+                if other.line.origin != at.line.origin {
+                    warnings.warn(
+                        &other.line.origin,
+                        format!(
+                            "{}: not converted; the agent has one idle timeout, taken from {} ({})",
+                            other.line.words.join(" "),
+                            at.line.origin,
+                            at.line.words.join(" ")
+                        ),
+                    );
+                }
+            }
             (secs, at.line.from(), at.line.origin.clone())
         }
         None => {

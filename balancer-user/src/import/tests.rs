@@ -124,6 +124,12 @@ fn seed_node1_converts_and_loads() {
         (2000, 2000, 2, 3)
     );
     assert_eq!(c.dataplane.idle_timeout.as_secs(), 60);
+    warned(
+        &imported,
+        "haproxy.cfg",
+        20,
+        "taken from haproxy.cfg:19 (timeout client 1m)",
+    );
 
     assert_eq!(
         comment_above(&imported, "priority = 101"),
