@@ -1071,6 +1071,14 @@ fn health(
     let fall = bounded(fall, "fall", warnings);
     let timeout = match settings.timeouts.get("check") {
         Some(at) => {
+            warnings.warn(
+                &at.line.origin,
+                format!(
+                    "{}: approximated; HAProxy allowed the connect (up to the smaller of timeout connect and inter) \
+                     plus this for the reply, the agent allows this for the whole check",
+                    at.line.words.join(" ")
+                ),
+            );
             let mut t = at.sourced();
             if t.value > interval.value || t.value == 0 {
                 let clamped = t.value.clamp(1, interval.value);
