@@ -510,6 +510,13 @@ fn read_script(
                     })?,
                     _ => return Err(error_at(&line.origin, "weight takes a number")),
                 };
+                if line.args().get(1).map(String::as_str) == Some("reverse") {
+                    return Err(error_at(
+                        &line.origin,
+                        "weight ... reverse: no equivalent (the agent lowers its priority only while this node is \
+                         not ready); remove `reverse` or the script's track_script and convert again",
+                    ));
+                }
                 if !(-253..=253).contains(&weight) {
                     return Err(error_at(
                         &line.origin,

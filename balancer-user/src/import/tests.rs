@@ -451,6 +451,10 @@ fn track_script_weights_become_the_no_ready_backend_weight() {
     let v = c.vrrp.unwrap();
     assert_eq!((v.priority, v.no_ready_backend_weight), (121, 20));
 
+    let reversed = conf.replace("weight 20", "weight 20 reverse");
+    let e = error(&reversed, HAPROXY, &at(NODE1));
+    assert!(e.contains("keepalived.conf:4: weight ... reverse"), "{e}");
+
     let conf = conf.replace("chk_keydb\n  }", "chk_other\n  }");
     let e = error(&conf, HAPROXY, &at(NODE1));
     assert!(
