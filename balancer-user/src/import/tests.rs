@@ -791,3 +791,30 @@ backend keydb_other_servers
         "differ from the first checked server's",
     );
 }
+
+/// Every file with one line left out gives a configuration that loads or
+/// an error, never a panic.
+#[test]
+fn files_with_a_line_missing_never_panic() {
+    let without = |text: &str, skip: usize| -> String {
+        text.lines()
+            .enumerate()
+            .filter(|(i, _)| *i != skip)
+            .map(|(_, l)| format!("{l}\n"))
+            .collect()
+    };
+    for (keepalived, haproxy) in [(SEED_NODE1, HAPROXY), (UNICAST, HAPROXY)] {
+        for skip in 0..keepalived.lines().count() {
+            let cut = without(keepalived, skip);
+            if let Ok(imported) = run(&cut, haproxy, &at(NODE2)) {
+                config::parse(&imported.config, "cut").unwrap();
+            }
+        }
+        for skip in 0..haproxy.lines().count() {
+            let cut = without(haproxy, skip);
+            if let Ok(imported) = run(keepalived, &cut, &at(NODE2)) {
+                config::parse(&imported.config, "cut").unwrap();
+            }
+        }
+    }
+}
