@@ -1087,7 +1087,7 @@ fn read_auth(
         Some((t, entry)) => {
             return Err(error_at(
                 &entry.origin,
-                format!("auth_type {t}: the agent supports PASS only; remove it from every node or use PASS"),
+                format!("auth_type {t}: the agent supports PASS only (keepalived: PASS or AH); use PASS, or no authentication block, on every node"),
             ))
         }
         None => return Err(error_at(&line.origin, "authentication without auth_type")),
