@@ -12,7 +12,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use super::{error_at, ImportError, Input, Origin, Sourced, Warnings};
+use super::{error_at, without_bom, ImportError, Input, Origin, Sourced, Warnings};
 use crate::{config::Scheduler, health};
 
 /// HAProxy's default `inter`, milliseconds.
@@ -122,7 +122,7 @@ fn split_words(text: &str, origin: &Origin) -> Result<Vec<String>, ImportError> 
 
 fn sections(input: Input<'_>) -> Result<Vec<Section>, ImportError> {
     let mut sections: Vec<Section> = Vec::new();
-    for (index, text) in input.text.lines().enumerate() {
+    for (index, text) in without_bom(input.text).lines().enumerate() {
         let origin = Origin {
             file: input.name.to_string(),
             line: index + 1,

@@ -7,7 +7,7 @@
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use super::{error_at, ImportError, Input, Origin, Sourced, Warnings};
+use super::{error_at, without_bom, ImportError, Input, Origin, Sourced, Warnings};
 
 /// keepalived's default `advert_int`, seconds.
 const DEFAULT_ADVERT_INT_S: f64 = 1.0;
@@ -51,7 +51,7 @@ enum Token {
 
 fn tokenize(input: Input<'_>) -> Result<Vec<(Token, usize)>, ImportError> {
     let mut tokens = Vec::new();
-    for (index, line) in input.text.lines().enumerate() {
+    for (index, line) in without_bom(input.text).lines().enumerate() {
         let number = index + 1;
         let mut chars = line.chars().peekable();
         while let Some(&c) = chars.peek() {

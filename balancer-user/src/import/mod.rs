@@ -63,6 +63,11 @@ pub enum ImportError {
     Whole(String),
 }
 
+/// `text` without the byte-order mark an editor may have put first.
+pub(crate) fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 pub(crate) fn error_at(origin: &Origin, message: impl Into<String>) -> ImportError {
     ImportError::At {
         origin: origin.clone(),

@@ -818,3 +818,12 @@ fn files_with_a_line_missing_never_panic() {
         }
     }
 }
+
+#[test]
+fn a_byte_order_mark_and_crlf_line_ends_are_read() {
+    let dos = |text: &str| format!("\u{feff}{}", text.replace('\n', "\r\n"));
+    let (c, imported) = import(&dos(SEED_NODE1), &dos(HAPROXY), &at(NODE1));
+    assert_eq!(c.vrrp.unwrap().priority, 101);
+    assert_eq!(c.services[0].backends.len(), 2);
+    warned(&imported, "keepalived.conf", 22, "Strict mode");
+}
