@@ -12,7 +12,8 @@
 //! [`vrrp_socket`] (adverts on the wire), [`garp`] (gratuitous ARP) and
 //! [`notify`] (the notify command). Health: [`health`]. Operators:
 //! [`admin`] (`balancer status` over a unix socket, Prometheus metrics),
-//! [`service_manager`] (systemd's notify protocol and watchdog).
+//! [`service_manager`] (systemd's notify protocol and watchdog), [`import`]
+//! (`balancer import`: keepalived.conf and haproxy.cfg to `balancer.toml`).
 
 pub mod admin;
 pub mod agent;
@@ -23,6 +24,7 @@ pub mod election;
 pub mod flow_reset;
 pub mod garp;
 pub mod health;
+pub mod import;
 pub mod neighbour;
 pub mod netlink;
 pub mod notify;

@@ -1,6 +1,10 @@
 //! `balancer`: the agent (`balancer run`) and its operator commands.
 
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 use balancer_user::{
@@ -35,6 +39,33 @@ enum Command {
         /// The configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Convert a keepalived.conf and the haproxy.cfg next to it into a
+    /// configuration file. Every value dropped or approximated is a warning
+    /// on stderr (and a comment in the output); the output passes `check`.
+    Import {
+        /// keepalived.conf: the vrrp_instance, its VIPs, global_defs and
+        /// vrrp_script blocks.
+        #[arg(long, value_name = "FILE")]
+        keepalived: PathBuf,
+        /// haproxy.cfg: the frontends, backends and listen sections that
+        /// bind the VIPs give the services and their backends.
+        #[arg(long, value_name = "FILE")]
+        haproxy: Option<PathBuf>,
+        /// Write the configuration here instead of stdout; an existing file
+        /// is kept unless --force.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Replace an existing --output file.
+        #[arg(long, requires = "output")]
+        force: bool,
+        /// This node's IPv4 address ([node] address), unless keepalived.conf
+        /// has unicast_src_ip.
+        #[arg(long, value_name = "IPV4")]
+        address: Option<std::net::Ipv4Addr>,
+        /// The vrrp_instance to convert when the file has several.
+        #[arg(long, value_name = "NAME")]
+        instance: Option<String>,
     },
     /// Print traffic and counters from a running agent's pinned maps.
     Stats {
@@ -80,6 +111,20 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(&config),
+        Command::Import {
+            keepalived,
+            haproxy,
+            output,
+            force,
+            address,
+            instance,
+        } => import(
+            &keepalived,
+            haproxy.as_deref(),
+            output.as_deref(),
+            force,
+            &balancer_user::import::Options { address, instance },
+        ),
         Command::Stats { pin_dir, config } => config_or(config, pin_dir, |c| c.dataplane.pin_dir)
             .and_then(|pin_dir| Snapshot::read(&pin_dir).map_err(Into::into))
             .map(|snapshot| print!("{}", snapshot.render())),
@@ -125,6 +170,72 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = config::load(path)?;
     println!("{}: valid", path.display());
     print!("{}", config::summary(&config));
+    Ok(())
+}
+
+/// `balancer import`: reads the files, converts, writes the result.
+fn import(
+    keepalived: &Path,
+    haproxy: Option<&Path>,
+    output: Option<&Path>,
+    force: bool,
+    options: &balancer_user::import::Options,
+) -> anyhow::Result<()> {
+    use balancer_user::import;
+    if let Some(output) = output {
+        if !force && output.exists() {
+            anyhow::bail!(
+                "{} exists: not replaced (--force replaces it)",
+                output.display()
+            );
+        }
+    }
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))
+    };
+    let keepalived_name = keepalived.display().to_string();
+    let keepalived_text = read(keepalived)?;
+    let haproxy_file = match haproxy {
+        Some(path) => Some((path.display().to_string(), read(path)?)),
+        None => None,
+    };
+    let imported = import::convert(
+        import::Input {
+            name: &keepalived_name,
+            text: &keepalived_text,
+        },
+        haproxy_file
+            .as_ref()
+            .map(|(name, text)| import::Input { name, text }),
+        options,
+    )?;
+    for warning in &imported.warnings {
+        eprintln!("balancer import: warning: {warning}");
+    }
+    match output {
+        None => print!("{}", imported.config),
+        Some(path) => {
+            let mut file = std::fs::OpenOptions::new();
+            file.write(true);
+            if force {
+                file.create(true).truncate(true);
+            } else {
+                // Refuses a file created since the check above.
+                file.create_new(true);
+            }
+            let mut file = file
+                .open(path)
+                .with_context(|| format!("{}: cannot create", path.display()))?;
+            file.write_all(imported.config.as_bytes())
+                .with_context(|| format!("{}: cannot write", path.display()))?;
+            eprintln!(
+                "balancer import: wrote {} ({} warnings); check it with `balancer check --config {}`",
+                path.display(),
+                imported.warnings.len(),
+                path.display()
+            );
+        }
+    }
     Ok(())
 }
 

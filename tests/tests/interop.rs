@@ -127,6 +127,81 @@ impl Flavour {
     }
 }
 
+/// `balancer import` of each flavour's keepalived.conf gives the agent
+/// what keepalived puts on the wire (version, interval, authentication, as
+/// [`Flavour::receive_rules`] has it from real captures): for the seed's
+/// strict file, no `auth_pass`; with the benchmark's haproxy.cfg, its
+/// service and HAProxy's check timing. Needs no root.
+#[test]
+fn import_of_each_flavour_matches_what_keepalived_sends() -> Result<()> {
+    use std::net::SocketAddrV4;
+
+    use balancer_tests::{
+        bench::haproxy::{CheckTiming, HaproxyConfig},
+        lab::KEYDB_PORT,
+    };
+    use balancer_user::import::{convert, Input, Options};
+    let backends = vec![
+        SocketAddrV4::new(node_addr(1), KEYDB_PORT),
+        SocketAddrV4::new(node_addr(2), KEYDB_PORT),
+    ];
+    // The HAProxy the benchmark runs in front of the lab's KeyDBs.
+    let haproxy = HaproxyConfig {
+        bind: SocketAddrV4::new(VIP, KEYDB_PORT),
+        backends: backends.clone(),
+        check: CheckTiming::default(),
+        stats_socket: None,
+    }
+    .to_config();
+    for flavour in [Flavour::V2Pass, Flavour::V3, Flavour::SeedStrict] {
+        let keepalived = flavour.keepalived(150).to_conf(1);
+        let imported = convert(
+            Input {
+                name: "keepalived.conf",
+                text: &keepalived,
+            },
+            Some(Input {
+                name: "haproxy.cfg",
+                text: &haproxy,
+            }),
+            &Options {
+                address: Some(node_addr(1)),
+                instance: None,
+            },
+        )
+        .with_context(|| format!("{flavour:?}:\n{keepalived}"))?;
+        let config = balancer_user::config::parse(&imported.config, "imported")
+            .with_context(|| imported.config.clone())?;
+        let vrrp = config.vrrp.clone().context("[vrrp]")?;
+        let wire = flavour.receive_rules();
+        ensure!(
+            (vrrp.version, vrrp.advert_interval_cs, &vrrp.auth)
+                == (wire.version, wire.adver_int_cs, &wire.auth),
+            "{flavour:?}: imported {:?}, keepalived sends {:?}",
+            (vrrp.version, vrrp.advert_interval_cs, &vrrp.auth),
+            (wire.version, wire.adver_int_cs, &wire.auth)
+        );
+        ensure!(
+            (vrrp.vrid, vrrp.priority, vrrp.preempt) == (CLUSTER_VRID, 150, true),
+            "{flavour:?}: {vrrp:?}"
+        );
+        ensure!(
+            config.vips() == vec![VIP],
+            "{flavour:?}: {:?}",
+            config.vips()
+        );
+        let service = &config.services[0];
+        let health = &config.health;
+        ensure!(
+            service.port == KEYDB_PORT
+                && service.backends == backends
+                && (health.interval_ms, health.rise, health.fall) == (2000, 2, 3),
+            "{flavour:?}: {service:?} {health:?}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn v2_pass_agent_master_keepalived_backup() -> Result<()> {
     interop("I2a", Flavour::V2Pass, true)

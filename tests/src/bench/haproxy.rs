@@ -1,4 +1,4 @@
-//! HAProxy as the seed setup runs it (../shared/seed/): a TCP proxy on the
+//! HAProxy as the keepalived + HAProxy setup our users start from runs it: a TCP proxy on the
 //! VIP, round-robin over every KeyDB, each checked with PING. Config text,
 //! and the process in a lab node's namespace.
 //!
