@@ -938,6 +938,7 @@ impl<F: ActiveFlag> Runner<F> {
             );
         }
         let interval = advert.interval_cs();
+        self.counters.saw_peer(ip.src, advert.priority, interval);
         self.input(Input::AdvertReceived {
             src: ip.src,
             priority: advert.priority,

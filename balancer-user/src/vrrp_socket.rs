@@ -92,6 +92,22 @@ pub struct AdvertCounters {
     /// Dropped adverts by reason: [`DecodeError::REASONS`], then
     /// [`MALFORMED_IP_REASON`].
     dropped: [AtomicU64; DROP_REASON_COUNT],
+    /// The senders of accepted adverts, at most [`MAX_PEERS`].
+    peers: std::sync::Mutex<std::collections::BTreeMap<Ipv4Addr, PeerSeen>>,
+}
+
+/// Distinct advert senders remembered; past it the one heard from least
+/// recently is forgotten (a LAN may hold more routers than a VRRP group).
+pub const MAX_PEERS: usize = 16;
+
+/// The last accepted advert from one sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerSeen {
+    pub priority: u8,
+    /// Advertised interval, centiseconds.
+    pub interval_cs: u16,
+    pub last: std::time::SystemTime,
+    pub adverts: u64,
 }
 
 impl Default for AdvertCounters {
@@ -103,6 +119,7 @@ impl Default for AdvertCounters {
             send_errors: AtomicU64::new(0),
             receive_errors: AtomicU64::new(0),
             dropped: std::array::from_fn(|_| AtomicU64::new(0)),
+            peers: std::sync::Mutex::default(),
         }
     }
 }
@@ -114,6 +131,33 @@ impl AdvertCounters {
             .iter()
             .copied()
             .chain(std::iter::once(MALFORMED_IP_REASON))
+    }
+
+    /// Remember an accepted advert from `src`.
+    pub fn saw_peer(&self, src: Ipv4Addr, priority: u8, interval_cs: u16) {
+        let last = std::time::SystemTime::now();
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let adverts = peers.get(&src).map_or(0, |p| p.adverts) + 1;
+        peers.insert(
+            src,
+            PeerSeen {
+                priority,
+                interval_cs,
+                last,
+                adverts,
+            },
+        );
+        if peers.len() > MAX_PEERS {
+            if let Some(oldest) = peers.iter().min_by_key(|(_, p)| p.last).map(|(a, _)| *a) {
+                peers.remove(&oldest);
+            }
+        }
+    }
+
+    /// Every remembered sender, by address.
+    pub fn peers(&self) -> Vec<(Ipv4Addr, PeerSeen)> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.iter().map(|(a, p)| (*a, *p)).collect()
     }
 
     /// Count one dropped advert; an unknown label counts as

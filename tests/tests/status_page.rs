@@ -1,7 +1,8 @@
 //! The status page (`GET /` on each agent's metrics listener) in a real
 //! browser: headless Chromium, run in the lab's client namespace, loads
 //! node 1's and node 2's pages; the rendered text shows the master and the
-//! backup, the VIP, both backends READY. Then node 1's link is cut: node
+//! backup (which lists the master as its peer: backups do not advertise),
+//! the VIP, both backends READY. Then node 1's link is cut: node
 //! 2's page shows it as MASTER holding the VIP, and node 1's KeyDB as not
 //! READY. A screenshot of each page is kept under target/status-page/.
 //!
@@ -159,6 +160,7 @@ fn check_pages(lab: &mut Lab) -> Result<()> {
         &[
             "state BACKUP".into(),
             format!("VIP {VIP} not held"),
+            format!("peer {} priority 150", node_addr(1)),
             ready(1, false),
             ready(2, true),
         ],

@@ -219,6 +219,20 @@ pub fn render(status: &Status) -> String {
             "Errors reading the VRRP socket.",
             [(none(), a.receive_errors)],
         );
+        m.gauge(
+            "vrrp_peer_priority",
+            "Priority in the last accepted advert of each other router.",
+            a.peers
+                .iter()
+                .map(|p| (vec![("peer", p.address.to_string())], i64::from(p.priority))),
+        );
+        m.gauge_f64(
+            "vrrp_peer_last_advert_timestamp_seconds",
+            "When the last advert of each other router was accepted (Unix seconds).",
+            a.peers
+                .iter()
+                .map(|p| (vec![("peer", p.address.to_string())], p.last_advert)),
+        );
     }
 
     let service_labels = |vip: &std::net::SocketAddrV4| -> Labels {
@@ -534,6 +548,7 @@ mod tests {
             "balancer_vip_held gauge",
             "balancer_backend_ready gauge",
             "balancer_vrrp_adverts_sent_total counter",
+            "balancer_vrrp_peer_priority gauge",
             "balancer_health_check_failures_total counter",
             "balancer_xdp_events_total counter",
         ] {
@@ -567,6 +582,14 @@ mod tests {
         );
         assert_eq!(value(&text, "balancer_node_ready", &[]), 1.0);
         assert_eq!(value(&text, "balancer_vrrp_adverts_sent_total", &[]), 600.0);
+        assert_eq!(
+            value(
+                &text,
+                "balancer_vrrp_peer_priority",
+                &[("peer", "198.18.0.2")]
+            ),
+            100.0
+        );
         assert_eq!(
             value(
                 &text,

@@ -149,6 +149,19 @@ pub fn render(status: &Status, now: f64) -> String {
                 a.receive_errors
             ),
         );
+        for p in &a.peers {
+            row(
+                &mut out,
+                &format!("peer {}", p.address),
+                &format!(
+                    "priority {}, interval {} ms, last advert {} ago ({} accepted)",
+                    p.priority,
+                    p.interval_ms,
+                    ago(now, p.last_advert),
+                    p.adverts
+                ),
+            );
+        }
     }
     out.push_str("</table>");
 
@@ -333,6 +346,7 @@ mod tests {
         for want in [
             "state MASTER",
             "VIP 198.18.0.100 held",
+            "peer 198.18.0.2 priority 100, interval 100 ms",
             "Service 198.18.0.100:6380 (active, scheduler round_robin)",
             "198.18.0.2:6380 remote DOWN no",
             "connection refused",

@@ -101,7 +101,7 @@ pub struct VipInfo {
 }
 
 /// The VRRP socket's counters ([`AdvertCounters`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AdvertInfo {
     pub sent: u64,
     pub received: u64,
@@ -111,6 +111,21 @@ pub struct AdvertInfo {
     pub receive_errors: u64,
     /// Dropped adverts by reason, every reason listed.
     pub dropped: BTreeMap<String, u64>,
+    /// The other routers whose adverts were accepted, by address.
+    #[serde(default)]
+    pub peers: Vec<PeerInfo>,
+}
+
+/// Another router of the group, as its last accepted advert showed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub address: Ipv4Addr,
+    pub priority: u8,
+    /// Advertised interval, milliseconds.
+    pub interval_ms: u32,
+    /// Unix seconds.
+    pub last_advert: f64,
+    pub adverts: u64,
 }
 
 impl AdvertInfo {
@@ -127,6 +142,17 @@ impl AdvertInfo {
                 .dropped()
                 .into_iter()
                 .map(|(reason, n)| (reason.to_string(), n))
+                .collect(),
+            peers: counters
+                .peers()
+                .into_iter()
+                .map(|(address, p)| PeerInfo {
+                    address,
+                    priority: p.priority,
+                    interval_ms: u32::from(p.interval_cs) * 10,
+                    last_advert: unix_seconds(p.last),
+                    adverts: p.adverts,
+                })
                 .collect(),
         }
     }
@@ -523,6 +549,17 @@ pub fn render_text(status: &Status, now: f64) -> String {
             a.send_errors,
             a.receive_errors
         );
+        for p in &a.peers {
+            let _ = writeln!(
+                out,
+                "           peer {}: priority {}, interval {} ms, last advert {} ago ({} accepted)",
+                p.address,
+                p.priority,
+                p.interval_ms,
+                ago(now, p.last_advert),
+                p.adverts
+            );
+        }
     }
 
     for s in &status.services {
@@ -784,6 +821,13 @@ pub(crate) mod tests {
         };
         adverts.dropped.insert("ttl".into(), 0);
         adverts.dropped.insert("vrid".into(), 2);
+        adverts.peers.push(PeerInfo {
+            address: "198.18.0.2".parse().unwrap(),
+            priority: 100,
+            interval_ms: 100,
+            last_advert: unix_seconds(at(4)),
+            adverts: 1,
+        });
         let facts = facts();
         let paths = PathReport::from([(
             (0, addr(N2)),
