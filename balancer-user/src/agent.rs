@@ -284,6 +284,7 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
     let (has_ready_backend, mut has_ready_backend_rx) = watch::channel(false);
     has_ready_backend_rx.mark_unchanged();
     let (health_report, health_report_rx) = watch::channel(HealthReport::default());
+    let (drains, drain_requests) = tokio::sync::mpsc::channel(4);
     tasks.push(Task(tokio::spawn(monitor::run(
         MonitoredService::from_config(&config.services, is_local),
         checker,
@@ -292,6 +293,7 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
         has_ready_backend,
         health_report,
         move |left| resets.request(left.service_id, left.backend),
+        drain_requests,
     ))));
     // Announce readiness only once the first checks set the READY sets
     // (bounded: a backend that does not answer times out).
@@ -363,6 +365,7 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
             _ => None,
         },
         health: health_report_rx,
+        drains,
         conntrack_entries: conntrack_entries_rx,
         paths: paths_rx,
         maps,

@@ -90,12 +90,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stop sending new connections to BACKEND (HAProxy's drain): it
+    /// leaves the READY sets of this node's agent, its established
+    /// connections stay. Refused when it would leave a service without a
+    /// READY backend. Run it on every node whose agent may hold the VIP.
+    Drain {
+        /// ADDRESS:PORT, as in the service's `backends`.
+        backend: std::net::SocketAddrV4,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Undo `balancer drain`: BACKEND takes new connections again while
+    /// it is READY.
+    Ready {
+        /// ADDRESS:PORT, as in the service's `backends`.
+        backend: std::net::SocketAddrV4,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
     /// Print a shell completion script (the Debian package installs them
     /// for bash, zsh and fish).
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// Which agent to ask: its admin socket, or the config that names it.
+#[derive(Debug, clap::Args)]
+struct AgentSocket {
+    /// The agent's `[admin] socket`.
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_ADMIN_SOCKET, conflicts_with = "config")]
+    socket: PathBuf,
+    /// Take the socket from the agent's configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl AgentSocket {
+    fn path(self) -> anyhow::Result<PathBuf> {
+        config_or(self.config, self.socket, |c| c.admin.socket)
+    }
 }
 
 fn main() -> ExitCode {
@@ -133,6 +168,12 @@ fn main() -> ExitCode {
             config,
             json,
         } => config_or(config, socket, |c| c.admin.socket).and_then(|s| status(&s, json)),
+        Command::Drain { backend, agent } => agent
+            .path()
+            .and_then(|s| set_drained(&s, Request::Drain(backend))),
+        Command::Ready { backend, agent } => agent
+            .path()
+            .and_then(|s| set_drained(&s, Request::Ready(backend))),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(
@@ -163,6 +204,14 @@ fn config_or(
         Some(path) => pick(config::load(&path)?),
         None => default,
     })
+}
+
+/// `balancer drain` / `balancer ready`: prints what the agent did.
+fn set_drained(socket: &std::path::Path, request: Request) -> anyhow::Result<()> {
+    let raw = client::request(socket, request, client::DEFAULT_TIMEOUT)?;
+    let reply: serde_json::Value = serde_json::from_str(&raw)?;
+    println!("{}", reply["message"].as_str().unwrap_or(&raw));
+    Ok(())
 }
 
 /// `balancer check`: validates the file and summarises it.

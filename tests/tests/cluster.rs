@@ -28,8 +28,8 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use balancer_tests::{
     lab::{
-        exclusive, node_addr, node_keydb, vip_keydb, AgentConfig, HealthSection, Lab, VipAttempt,
-        WriterConfig, WriterLoop, CLIENT_ADDR, KEYDB_PORT,
+        balancer_bin, exclusive, node_addr, node_keydb, run_with_timeout, vip_keydb, AgentConfig,
+        HealthSection, Lab, VipAttempt, WriterConfig, WriterLoop, CLIENT_ADDR, KEYDB_PORT,
     },
     netns::ChildGuard,
     resp::{Connection, RespError},
@@ -684,6 +684,75 @@ fn no_false_failover_under_full_cpu_load() -> Result<()> {
         lab.expect_holders_for(&[1], Duration::from_millis(500))?;
         Ok(())
     })
+}
+
+/// `balancer drain` on the VIP holder: new connections through the VIP go
+/// to node 1 only, a connection already on node 2 keeps working, the
+/// status shows the drain; draining node 1 as well is refused (it would
+/// leave the service without a READY backend); `balancer ready` brings
+/// node 2 back into the round robin, the old connection still open.
+#[test]
+fn drained_backend_gets_no_new_connections_and_keeps_its_established_ones() -> Result<()> {
+    let _serial = exclusive();
+    let mut lab = cluster("D", &[HIGH, 100])?;
+    with_diagnostics(&mut lab, |lab| {
+        let run_ids = lab.server_run_ids()?;
+        expect_served_by(lab, &run_ids, &[1, 2])?;
+        let ids = run_ids.clone();
+        let mut held = lab.in_client(move || connection_to(&ids, 2, PROBE_TIMEOUT))??;
+        held.set("drain:held", "before")?;
+
+        let node2 = node_keydb(2).to_string();
+        let drained = balancer_cli(lab, 1, &["drain", &node2])?;
+        ensure!(
+            drained.contains("drained"),
+            "balancer drain said: {drained}"
+        );
+        expect_served_by(lab, &run_ids, &[1])?;
+        held.ping()?;
+        ensure!(held.get("drain:held")?.as_deref() == Some("before"));
+        let status = lab.status_json(1)?;
+        let b2 = status["services"][0]["backends"]
+            .as_array()
+            .context("backends")?
+            .iter()
+            .find(|b| b["address"] == node2.as_str())
+            .context("node 2's backend in the status")?;
+        ensure!(
+            b2["drained"] == true && b2["in_ready_set"] == false && b2["ready"] == true,
+            "status of the drained backend: {b2}"
+        );
+        ensure!(lab.balancer_status(1, false)?.contains("DRAINED"));
+
+        let node1 = node_keydb(1).to_string();
+        let refused = balancer_cli(lab, 1, &["drain", &node1]);
+        ensure!(
+            refused
+                .as_ref()
+                .is_err_and(|e| format!("{e:#}").contains("without a READY backend")),
+            "draining the last undrained backend: {refused:?}"
+        );
+        expect_served_by(lab, &run_ids, &[1])?;
+
+        let back = balancer_cli(lab, 1, &["ready", &node2])?;
+        ensure!(
+            back.contains("no longer drained"),
+            "balancer ready said: {back}"
+        );
+        expect_served_by(lab, &run_ids, &[1, 2])?;
+        held.set("drain:held", "after")?;
+        ensure!(held.get("drain:held")?.as_deref() == Some("after"));
+        println!("drain / ready of node 2's backend on node 1: {drained} / {back}");
+        Ok(())
+    })
+}
+
+/// Runs `balancer ARGS --socket <node index's admin socket>`; its stdout,
+/// or an error with its stderr.
+fn balancer_cli(lab: &Lab, index: usize, args: &[&str]) -> Result<String> {
+    let mut cmd = std::process::Command::new(balancer_bin());
+    cmd.args(args).arg("--socket").arg(lab.admin_socket(index));
+    run_with_timeout(&mut cmd, Duration::from_secs(15))
 }
 
 // --- Helpers ---------------------------------------------------------------

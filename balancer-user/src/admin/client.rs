@@ -71,7 +71,7 @@ pub fn request(path: &Path, request: Request, timeout: Duration) -> Result<Strin
     };
     let mut stream = connect(path, timeout)?;
     stream
-        .write_all(format!("{}\n", request.as_str()).as_bytes())
+        .write_all(format!("{}\n", request.line()).as_bytes())
         .map_err(io_error)?;
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut reply = Vec::new();

@@ -304,6 +304,11 @@ pub fn render(status: &Status) -> String {
         backends().map(|(s, b)| (backend_labels(&s.vip, &b.address), flag(b.in_ready_set))),
     );
     m.gauge(
+        "backend_drained",
+        "1 while the operator has drained the backend (balancer drain): no new connections.",
+        backends().map(|(s, b)| (backend_labels(&s.vip, &b.address), flag(b.drained))),
+    );
+    m.gauge(
         "backend_local",
         "1 when the backend is on this node.",
         backends().map(|(s, b)| (backend_labels(&s.vip, &b.address), flag(b.local))),

@@ -17,16 +17,18 @@
 //! the election run; dropping the returned [`Admin`] stops both servers and
 //! removes the socket (also when the start fails half-way).
 //!
-//! Not here: anything that changes the agent or the node. The interface
-//! only reads. The XDP program is untouched (its maps are read through
-//! their pins); the election publishes its state and priority into a
-//! `watch` channel when they change, the health monitor its report after
-//! each check.
+//! The interface reads, with one exception: `drain` / `ready` on the
+//! root-only socket ask the health monitor to keep a backend out of the
+//! READY sets (or let it back), which the monitor applies like a health
+//! change but without resetting the backend's flows. The XDP program is
+//! untouched (its maps are read through their pins); the election
+//! publishes its state and priority into a `watch` channel when they
+//! change, the health monitor its report after each check.
 
 use std::{
     future::Future,
     io,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -86,6 +88,17 @@ pub enum StatusError {
 pub trait StatusProvider: Send + Sync + 'static {
     /// The status now, or why it cannot be had.
     fn status(&self) -> impl Future<Output = Result<Status, StatusError>> + Send;
+
+    /// Drains `backend` (`drained`) or makes it eligible again: what
+    /// changed, or why nothing did.
+    fn set_drained(
+        &self,
+        backend: SocketAddrV4,
+        drained: bool,
+    ) -> impl Future<Output = Result<String, String>> + Send {
+        let _ = (backend, drained);
+        async { Err("this agent cannot drain backends".to_string()) }
+    }
 }
 
 /// The election's handles, in VRRP mode.
@@ -106,6 +119,8 @@ pub struct AgentStatus {
     /// `None` without `[vrrp]`.
     pub election: Option<ElectionHandles>,
     pub health: watch::Receiver<HealthReport>,
+    /// `drain` / `ready` requests to the health monitor.
+    pub drains: tokio::sync::mpsc::Sender<crate::health::monitor::DrainRequest>,
     /// Entries the last conntrack sweep left.
     pub conntrack_entries: watch::Receiver<usize>,
     /// The path check's verdicts on remote backends.
@@ -118,6 +133,22 @@ pub struct AgentStatus {
 }
 
 impl StatusProvider for AgentStatus {
+    async fn set_drained(&self, backend: SocketAddrV4, drained: bool) -> Result<String, String> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let request = crate::health::monitor::DrainRequest {
+            backend,
+            drained,
+            reply,
+        };
+        self.drains
+            .send(request)
+            .await
+            .map_err(|_| "the health monitor is not running".to_string())?;
+        outcome
+            .await
+            .map_err(|_| "the health monitor stopped before it answered".to_string())?
+    }
+
     async fn status(&self) -> Result<Status, StatusError> {
         let mut warnings = Vec::new();
         let present = match tokio::time::timeout(

@@ -185,6 +185,9 @@ pub fn render(status: &Status, now: f64) -> String {
         for b in &s.backends {
             let class = if b.ready { "ok" } else { "bad" };
             let mut notes = Vec::new();
+            if b.drained {
+                notes.push("DRAINED: no new connections".to_string());
+            }
             if let Some(path) = b.path.filter(|p| p.is_failing()) {
                 notes.push(format!("data path: {path}"));
             }

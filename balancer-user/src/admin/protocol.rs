@@ -5,6 +5,8 @@
 //! |---|---|
 //! | `status` | the [`super::status::Status`] document |
 //! | `ping`   | `{"pong":true,"version":"…"}` |
+//! | `drain ADDR:PORT` | `{"ok":true,"message":"…"}`: no new connections to that backend, established ones stay |
+//! | `ready ADDR:PORT` | `{"ok":true,"message":"…"}`: the backend takes new connections again when healthy |
 //! | anything else | `{"error":"…"}` |
 //!
 //! A request is at most [`MAX_REQUEST_LEN`] bytes of UTF-8 ended by `\n`
@@ -13,12 +15,14 @@
 //! gets an `{"error": …}` reply: parsing is pure and total, and
 //! [`read_request`] never reads more than the limit.
 
+use std::net::SocketAddrV4;
+
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Longest request accepted, bytes (the line end not counted).
 pub const MAX_REQUEST_LEN: usize = 256;
 /// The requests, as the client spells them.
-pub const REQUESTS: [&str; 2] = ["status", "ping"];
+pub const REQUESTS: [&str; 4] = ["status", "ping", "drain", "ready"];
 
 /// A request the agent answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,14 +31,30 @@ pub enum Request {
     Status,
     /// Liveness.
     Ping,
+    /// Take a backend out of the READY sets without touching its flows.
+    Drain(SocketAddrV4),
+    /// Undo [`Request::Drain`].
+    Ready(SocketAddrV4),
 }
 
 impl Request {
-    /// The request line for `self`.
+    /// The request's word.
     pub fn as_str(self) -> &'static str {
         match self {
             Request::Status => "status",
             Request::Ping => "ping",
+            Request::Drain(_) => "drain",
+            Request::Ready(_) => "ready",
+        }
+    }
+
+    /// The request line for `self`, without the line end.
+    pub fn line(self) -> String {
+        match self {
+            Request::Drain(backend) | Request::Ready(backend) => {
+                format!("{} {backend}", self.as_str())
+            }
+            Request::Status | Request::Ping => self.as_str().to_string(),
         }
     }
 }
@@ -42,16 +62,18 @@ impl Request {
 /// Why a request is not answered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
-    #[error("empty request (known requests: status, ping)")]
+    #[error("empty request (known requests: status, ping, drain, ready)")]
     Empty,
     #[error("request longer than {MAX_REQUEST_LEN} bytes")]
     TooLong,
     #[error("request is not UTF-8")]
     NotUtf8,
-    #[error("unknown request {0:?} (known requests: status, ping)")]
+    #[error("unknown request {0:?} (known requests: status, ping, drain, ready)")]
     Unknown(String),
     #[error("request {0:?} takes no arguments")]
     Arguments(&'static str),
+    #[error("request {0:?} takes one backend, ADDRESS:PORT")]
+    Backend(&'static str),
     #[error("no complete request line within {0:?}")]
     Timeout(std::time::Duration),
     #[error("cannot read the request: {0}")]
@@ -68,9 +90,15 @@ pub fn parse(line: &[u8]) -> Result<Request, RequestError> {
     let Some(word) = words.next() else {
         return Err(RequestError::Empty);
     };
+    let backend = |word: &'static str, arg: Option<&str>| -> Result<SocketAddrV4, RequestError> {
+        arg.and_then(|a| a.parse().ok())
+            .ok_or(RequestError::Backend(word))
+    };
     let request = match word {
         "status" => Request::Status,
         "ping" => Request::Ping,
+        "drain" => Request::Drain(backend("drain", words.next())?),
+        "ready" => Request::Ready(backend("ready", words.next())?),
         other => {
             // Echo a bounded, printable prefix only.
             let shown: String = other
@@ -82,7 +110,10 @@ pub fn parse(line: &[u8]) -> Result<Request, RequestError> {
         }
     };
     if words.next().is_some() {
-        return Err(RequestError::Arguments(request.as_str()));
+        return Err(match request {
+            Request::Drain(_) | Request::Ready(_) => RequestError::Backend(request.as_str()),
+            Request::Status | Request::Ping => RequestError::Arguments(request.as_str()),
+        });
     }
     Ok(request)
 }
@@ -118,6 +149,11 @@ pub fn error_reply(message: &str) -> String {
     serde_json::json!({ "error": message }).to_string()
 }
 
+/// The reply to a request that changed something.
+pub fn ok_reply(message: &str) -> String {
+    serde_json::json!({ "ok": true, "message": message }).to_string()
+}
+
 /// The reply to `ping`.
 pub fn pong_reply() -> String {
     serde_json::json!({ "pong": true, "version": env!("CARGO_PKG_VERSION") }).to_string()
@@ -141,8 +177,39 @@ mod tests {
             assert_eq!(parse(line.as_bytes()), Ok(Request::Status), "{line:?}");
         }
         assert_eq!(parse(b"ping\n"), Ok(Request::Ping));
-        for r in REQUESTS {
-            assert_eq!(parse(r.as_bytes()).unwrap().as_str(), r);
+        let backend: SocketAddrV4 = "198.18.0.2:6380".parse().unwrap();
+        assert_eq!(
+            parse(b"drain 198.18.0.2:6380\n"),
+            Ok(Request::Drain(backend))
+        );
+        assert_eq!(
+            parse(b" ready  198.18.0.2:6380 "),
+            Ok(Request::Ready(backend))
+        );
+        for r in [
+            Request::Status,
+            Request::Ping,
+            Request::Drain(backend),
+            Request::Ready(backend),
+        ] {
+            assert_eq!(parse(r.line().as_bytes()), Ok(r));
+            assert!(REQUESTS.contains(&r.as_str()));
+        }
+    }
+
+    #[test]
+    fn drain_and_ready_take_exactly_one_backend() {
+        for line in [
+            "drain",
+            "drain 198.18.0.2",
+            "drain host:6380",
+            "ready 198.18.0.2:99999",
+            "drain 198.18.0.2:6380 198.18.0.1:6380",
+        ] {
+            assert!(
+                matches!(parse(line.as_bytes()), Err(RequestError::Backend(_))),
+                "{line:?}"
+            );
         }
     }
 

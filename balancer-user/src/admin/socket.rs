@@ -339,6 +339,16 @@ async fn respond_within<P: StatusProvider>(
                 protocol::error_reply(&format!("the status was not ready within {timeout:?}"))
             }
         },
+        Request::Drain(backend) | Request::Ready(backend) => {
+            let drained = matches!(request, Request::Drain(_));
+            match tokio::time::timeout(timeout, provider.set_drained(backend, drained)).await {
+                Ok(Ok(message)) => protocol::ok_reply(&message),
+                Ok(Err(message)) => protocol::error_reply(&message),
+                Err(_) => protocol::error_reply(&format!(
+                    "the health monitor did not answer within {timeout:?}"
+                )),
+            }
+        }
     }
 }
 

@@ -218,6 +218,10 @@ pub struct BackendInfo {
     /// In the service's READY set in the data plane (a backend that is not
     /// READY can be there as the least bad one when no backend is).
     pub in_ready_set: bool,
+    /// Drained by the operator (`balancer drain`): no new connections,
+    /// established ones stay.
+    #[serde(default)]
+    pub drained: bool,
     /// When `health` last changed, Unix seconds.
     pub health_since: Option<f64>,
     pub checks: u64,
@@ -397,6 +401,7 @@ impl Status {
                             health: health_name(checked, badness).into(),
                             ready: checked && badness == Badness::Ready,
                             in_ready_set: b.ready,
+                            drained: report.is_some_and(|r| r.drained),
                             health_since: report.and_then(|r| r.since).map(unix_seconds),
                             checks: report.map_or(0, |r| r.checks),
                             failed_checks: report.map_or(0, |r| r.failed_checks()),
@@ -595,6 +600,13 @@ pub fn render_text(status: &Status, now: f64) -> String {
                 b.traffic.packets,
                 b.traffic.bytes
             );
+            if b.drained {
+                let _ = writeln!(
+                    out,
+                    "      DRAINED: no new connections (`balancer ready {}` undoes it)",
+                    b.address
+                );
+            }
             if let Some(path) = b.path.filter(PathState::is_failing) {
                 let _ = writeln!(out, "      data path: {path}");
             }

@@ -53,7 +53,7 @@ use std::{
 
 use balancer_common::MAX_BACKENDS;
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{mpsc, oneshot, watch},
     task::JoinSet,
     time::MissedTickBehavior,
 };
@@ -172,6 +172,17 @@ struct Tracked {
     local: bool,
     health: BackendHealth,
     checked: bool,
+    /// `balancer drain`: kept out of every READY set.
+    drained: bool,
+}
+
+/// `balancer drain BACKEND` / `balancer ready BACKEND`, as the admin
+/// socket hands it to the monitor; the outcome goes back on `reply`.
+#[derive(Debug)]
+pub struct DrainRequest {
+    pub backend: SocketAddrV4,
+    pub drained: bool,
+    pub reply: oneshot::Sender<Result<String, String>>,
 }
 
 /// One service: the tracked backend of each slot, and its serving set.
@@ -230,6 +241,7 @@ impl Core {
                             local: b.local,
                             health: BackendHealth::new(rise, fall, initial),
                             checked: false,
+                            drained: false,
                         });
                         backends.len() - 1
                     });
@@ -280,25 +292,84 @@ impl Core {
         self.backends.get(backend).map(|b| b.health.badness())
     }
 
+    /// Whether `addr` is drained.
+    pub fn is_drained(&self, addr: SocketAddrV4) -> bool {
+        self.backends.iter().any(|b| b.addr == addr && b.drained)
+    }
+
+    /// Drains `addr` or makes it eligible again; refuses to drain the last
+    /// READY backend of a service that is not drained. What changed, or
+    /// why nothing did.
+    pub fn set_drained(&mut self, addr: SocketAddrV4, drained: bool) -> Result<String, String> {
+        let Some(index) = self.backends.iter().position(|b| b.addr == addr) else {
+            let known: Vec<String> = self.backends.iter().map(|b| b.addr.to_string()).collect();
+            return Err(format!(
+                "{addr} is no backend of this agent (backends: {})",
+                known.join(", ")
+            ));
+        };
+        if self.backends[index].drained == drained {
+            return Ok(format!(
+                "{addr} is already {}",
+                if drained { "drained" } else { "not drained" }
+            ));
+        }
+        if drained {
+            for s in &self.services {
+                if !s.slots.contains(&index) {
+                    continue;
+                }
+                let other_ready = s.slots.iter().any(|&b| {
+                    b != index
+                        && !self.backends[b].drained
+                        && self.backends[b].health.badness() == Badness::Ready
+                });
+                if !other_ready {
+                    return Err(format!(
+                        "draining {addr} would leave service {} without a READY backend; \
+                         nothing changed",
+                        s.vip
+                    ));
+                }
+            }
+        }
+        self.backends[index].drained = drained;
+        Ok(if drained {
+            format!("{addr} drained: no new connections; its established connections stay")
+        } else {
+            format!("{addr} is no longer drained: it takes new connections while it is READY")
+        })
+    }
+
     /// The sets that differ from what the data plane holds.
     pub fn plan(&self) -> Vec<SetChange> {
         self.services
             .iter()
             .enumerate()
             .filter_map(|(index, s)| {
-                let candidates: Vec<Candidate> = s
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .map(|(slot, &b)| Candidate {
-                        badness: self.backends[b].health.badness(),
-                        serving: s.serving.contains(&(slot as u8)),
-                    })
+                let pick = |eligible: Vec<usize>| -> Vec<u8> {
+                    let candidates: Vec<Candidate> = eligible
+                        .iter()
+                        .map(|&slot| Candidate {
+                            badness: self.backends[s.slots[slot]].health.badness(),
+                            serving: s.serving.contains(&(slot as u8)),
+                        })
+                        .collect();
+                    select_serving(&candidates)
+                        .into_iter()
+                        .map(|i| eligible[i] as u8)
+                        .collect()
+                };
+                // Drained backends get no new connections while another
+                // backend can take them; when none can, serving through a
+                // drained one beats refusing every client.
+                let undrained = (0..s.slots.len())
+                    .filter(|&slot| !self.backends[s.slots[slot]].drained)
                     .collect();
-                let slots: Vec<u8> = select_serving(&candidates)
-                    .into_iter()
-                    .map(|i| i as u8)
-                    .collect();
+                let mut slots = pick(undrained);
+                if slots.is_empty() {
+                    slots = pick((0..s.slots.len()).collect());
+                }
                 (slots != s.serving).then_some(SetChange {
                     index,
                     id: s.id,
@@ -384,7 +455,10 @@ impl Core {
 /// - `report`: replaced with the initial report at once, then updated
 ///   after every check.
 /// - `on_leave`: called, after the write, for each backend that left a
-///   service's set (reset its flows there).
+///   service's set (reset its flows there), unless it left because it was
+///   drained.
+/// - `drains`: `balancer drain` / `balancer ready` requests.
+#[allow(clippy::too_many_arguments)]
 pub fn run<C, S, F>(
     services: Vec<MonitoredService>,
     checker: C,
@@ -393,6 +467,7 @@ pub fn run<C, S, F>(
     has_ready_backend: watch::Sender<bool>,
     report: watch::Sender<HealthReport>,
     on_leave: F,
+    drains: mpsc::Receiver<DrainRequest>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
     C: HealthCheck + 'static,
@@ -414,7 +489,7 @@ where
         published: false,
         retry: false,
     };
-    shell.run(Arc::new(checker), cfg.interval())
+    shell.run(Arc::new(checker), cfg.interval(), drains)
 }
 
 struct Shell<S, F> {
@@ -436,7 +511,12 @@ where
     S: ReadySink,
     F: FnMut(ServiceBackend) + Send + 'static,
 {
-    async fn run<C: HealthCheck + 'static>(mut self, checker: Arc<C>, interval: Duration) {
+    async fn run<C: HealthCheck + 'static>(
+        mut self,
+        checker: Arc<C>,
+        interval: Duration,
+        mut drains: mpsc::Receiver<DrainRequest>,
+    ) {
         let backends = self.core.backends();
         if backends.is_empty() {
             return;
@@ -459,11 +539,49 @@ where
             interval_ms = interval.as_millis() as u64,
             "health checks started"
         );
-        while let Some((index, probe)) = rx.recv().await {
-            let probe = self.judge.judge(index, probe);
-            self.handle(index, &probe);
+        let mut drains_open = true;
+        loop {
+            tokio::select! {
+                probe = rx.recv() => {
+                    let Some((index, probe)) = probe else { break };
+                    let probe = self.judge.judge(index, probe);
+                    self.handle(index, &probe);
+                }
+                request = drains.recv(), if drains_open => match request {
+                    Some(request) => self.drain(request),
+                    None => drains_open = false,
+                },
+            }
         }
         warn!("every health check loop ended");
+    }
+
+    fn drain(&mut self, request: DrainRequest) {
+        let DrainRequest {
+            backend,
+            drained,
+            reply,
+        } = request;
+        let outcome = self.core.set_drained(backend, drained);
+        match &outcome {
+            Ok(message) => {
+                info!(%backend, drained, "{message}");
+                self.report.send_if_modified(|report| {
+                    let mut changed = false;
+                    for b in report.backends.iter_mut().filter(|b| b.addr == backend) {
+                        changed |= b.drained != drained;
+                        b.drained = drained;
+                    }
+                    changed
+                });
+                // Before the first checks the first write applies it.
+                if self.published {
+                    self.write_sets(false);
+                }
+            }
+            Err(message) => warn!(%backend, drained, "{message}"),
+        }
+        let _ = reply.send(outcome);
     }
 
     fn handle(&mut self, index: usize, probe: &Probe) {
@@ -544,6 +662,15 @@ where
                 "READY set changed"
             );
             for backend in self.core.commit(&change) {
+                if self.core.is_drained(backend) {
+                    info!(
+                        service = change.id,
+                        %vip,
+                        %backend,
+                        "drained backend left the READY set; its flows stay"
+                    );
+                    continue;
+                }
                 info!(
                     service = change.id,
                     %vip,
@@ -660,6 +787,44 @@ mod tests {
         assert_eq!(apply(&mut core), vec![(0, vec![0], vec![])]);
         assert_eq!(core.badness(1), Some(Unavailable));
         assert!(core.node_ready(), "A is READY and nothing is local");
+    }
+
+    #[test]
+    fn a_drained_backend_leaves_every_set_and_the_last_ready_one_cannot_be_drained() {
+        let services = [
+            service(0, &[(A, true), (B, false)]),
+            service(1, &[(B, false), (C, false)]),
+        ];
+        let mut core = Core::new(&services, 1, 1, InitialHealth::Up, |_| vec![0, 1]);
+        assert!(core.plan().is_empty());
+        assert!(core.set_drained(addr("198.18.0.9:6380"), true).is_err());
+
+        core.set_drained(addr(B), true).unwrap();
+        assert!(core.is_drained(addr(B)));
+        assert_eq!(
+            apply(&mut core),
+            vec![(0, vec![0], vec![addr(B)]), (1, vec![1], vec![addr(B)]),]
+        );
+        assert!(core.node_ready(), "draining changes no health");
+        assert!(core.set_drained(addr(B), true).unwrap().contains("already"));
+
+        // C is now the only one serving service 1: it stays.
+        let refused = core.set_drained(addr(C), true).unwrap_err();
+        assert!(refused.contains("without a READY backend"), "{refused}");
+        assert!(!core.is_drained(addr(C)));
+
+        // When nothing else can serve, the drained backend does: with C
+        // down, service 1 goes to B rather than to nobody.
+        feed(&mut core, 2, &[Unavailable]);
+        assert_eq!(apply(&mut core), vec![(1, vec![0], vec![addr(C)])]);
+        feed(&mut core, 2, &[Ready]);
+        assert_eq!(apply(&mut core), vec![(1, vec![1], vec![addr(B)])]);
+
+        core.set_drained(addr(B), false).unwrap();
+        assert_eq!(
+            apply(&mut core),
+            vec![(0, vec![0, 1], vec![]), (1, vec![0, 1], vec![])]
+        );
     }
 
     #[test]
@@ -878,6 +1043,7 @@ mod tests {
             move |sb| {
                 let _ = left_tx.send(sb);
             },
+            mpsc::channel(1).1,
         ));
         Running {
             writes,
@@ -1024,6 +1190,7 @@ mod tests {
             ready_tx,
             report_tx,
             |_| {},
+            mpsc::channel(1).1,
         ));
         let _abort = AbortOnDrop(task);
         {
@@ -1169,6 +1336,7 @@ mod tests {
             ready_tx,
             watch::channel(HealthReport::default()).0,
             move |left| resets.request(left.service_id, left.backend),
+            mpsc::channel(1).1,
         ));
         let _abort = (AbortOnDrop(monitor), AbortOnDrop(reset_task));
 

@@ -66,6 +66,9 @@ pub struct BackendReport {
     pub last_check_failed: bool,
     /// The last failed check, however long ago.
     pub last_failure: Option<FailedCheck>,
+    /// Drained by the operator (`balancer drain`): in no READY set,
+    /// whatever its health; its established flows stay.
+    pub drained: bool,
 }
 
 impl BackendReport {
@@ -81,6 +84,7 @@ impl BackendReport {
             last_check: None,
             last_check_failed: false,
             last_failure: None,
+            drained: false,
         }
     }
 
