@@ -1533,4 +1533,78 @@ mod tests {
         });
         assert!(none.contains("Failover: not run"), "{none}");
     }
+
+    #[test]
+    fn churn_and_storm_files_stand_apart() {
+        use crate::bench::{
+            churn::{ChurnPlan, ChurnRun, Outcome},
+            storm::StormPlan,
+        };
+        let runs = Front::ALL
+            .iter()
+            .map(|&front| ChurnRun {
+                front,
+                clients: 50,
+                run: 1,
+                outcome: Outcome::Finished,
+                elapsed: Duration::from_secs(2),
+                accepted: 1000,
+                bench_rps: Vec::new(),
+                failed_connects: 0,
+                syn_retransmits: 2,
+                active_opens: 1000,
+                drops: Vec::new(),
+            })
+            .collect();
+        let churn = ChurnResults {
+            plan: ChurnPlan::quick(LabXdp::Generic),
+            runs,
+            errors: Vec::new(),
+            loadavg: (String::new(), String::new()),
+            elapsed: Duration::from_secs(8),
+            nft_ruleset: churn::nft_ruleset(),
+            haproxy_config: "global\n".into(),
+        };
+        let storm = StormResults {
+            plan: StormPlan::quick(LabXdp::Generic),
+            connected_before: 50,
+            takeover: Duration::from_millis(300),
+            reconnect_times: vec![Duration::from_millis(5); 50],
+            failed: 0,
+            attempts: 50,
+            errors: Vec::new(),
+            syn_retransmits: 0,
+            drops: Vec::new(),
+            elapsed: Duration::from_secs(9),
+        };
+        let input = ReportInput {
+            quick: true,
+            command: "cargo xtask bench --quick --only churn,storm".into(),
+            date: "today".into(),
+            packet: None,
+            lab: None,
+            summary: None,
+            failover: &FailoverStatus::NotRun,
+            churn: Some(&churn),
+            storm: Some(&storm),
+            chart_file: "chart.svg",
+        };
+        let dir = std::env::temp_dir().join(format!("bench-churn-test-{}", std::process::id()));
+        write_churn(&dir, &input, Some(&churn), Some(&storm)).unwrap();
+        let md = std::fs::read_to_string(dir.join("churn.md")).unwrap();
+        let svg = std::fs::read_to_string(dir.join(CHURN_CHART)).unwrap();
+        let json = std::fs::read_to_string(dir.join("churn.json")).unwrap();
+        let main_files = ["REPORT.md", "chart.svg", "results.json"].map(|f| dir.join(f).exists());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(main_files, [false; 3]);
+        assert!(
+            md.contains("## Connection churn") && md.contains("## Reconnect storm"),
+            "{md}"
+        );
+        assert!(md.contains("| nftables | 50 | 1 | 500 |"), "{md}");
+        assert!(svg.contains("New connections per second") && svg.contains("Reconnect storm"));
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(json["storm"]["reconnected"], 50);
+        assert!(render_markdown(&input).contains("## Reconnect storm"));
+    }
 }
