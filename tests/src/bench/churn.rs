@@ -695,16 +695,10 @@ fn run_one(
             ),
             Err(e) => (Outcome::Failed(e.to_string()), Vec::new()),
         },
-        Some(s) => {
-            let said = stderr
-                .lines()
-                .chain(stdout.lines())
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .trim()
-                .to_string();
-            (Outcome::Failed(format!("{s}: {said}")), Vec::new())
-        }
+        Some(s) => (
+            Outcome::Failed(format!("{s}: {}", last_words(&stderr, &stdout))),
+            Vec::new(),
+        ),
     };
     Ok(ChurnRun {
         front,
@@ -719,6 +713,21 @@ fn run_one(
         active_opens: delta("TcpActiveOpens"),
         drops,
     })
+}
+
+/// What redis-benchmark said last before it gave up: its last line that
+/// is not a warning (with `-k 0` it always warns first about
+/// `tcp_tw_reuse`, whatever the sysctl says), stderr before stdout.
+pub fn last_words(stderr: &str, stdout: &str) -> String {
+    let said = |text: &str| {
+        text.lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty() && !l.starts_with("WARNING"))
+            .map(str::to_string)
+    };
+    said(stderr)
+        .or_else(|| said(stdout))
+        .unwrap_or_else(|| "(nothing but warnings)".into())
 }
 
 fn ratio(a: f64, b: f64) -> String {
@@ -997,6 +1006,18 @@ mod tests {
         assert_eq!(m["TcpActiveOpens"], 1234);
         assert_eq!(m["TcpExtTCPSynRetrans"], 5);
         assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn failure_message_skips_the_keepalive_warning() {
+        let stderr = "WARNING: Keepalive disabled. You probably need 'echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse'\n\
+                      Error: Server closed the connection\n";
+        assert_eq!(
+            last_words(stderr, ""),
+            "Error: Server closed the connection"
+        );
+        assert_eq!(last_words("WARNING: x\n", "\n"), "(nothing but warnings)");
+        assert_eq!(last_words("", "Could not connect\n"), "Could not connect");
     }
 
     #[test]
