@@ -55,6 +55,8 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 
 struct Args {
     quick: bool,
+    /// `--only` as given, for the report's command line.
+    only: Option<String>,
     rounds: usize,
     failover_trials: Option<usize>,
     out: Option<PathBuf>,
@@ -89,6 +91,7 @@ fn parse_args() -> Result<Args> {
         .unwrap_or(1);
     let mut a = Args {
         quick: false,
+        only: None,
         rounds: 3,
         failover_trials: None,
         out: None,
@@ -126,6 +129,7 @@ fn parse_args() -> Result<Args> {
                 a.failover = has("failover");
                 a.churn = has("churn");
                 a.storm = has("storm");
+                a.only = Some(parts.join(","));
             }
             "--xdp-mode" => {
                 let v = it.next();
@@ -212,11 +216,14 @@ fn bench() -> Result<()> {
             root.join("bench/results")
         }
     });
-    let command = if args.quick {
+    let mut command = if args.quick {
         "cargo xtask bench --quick".to_string()
     } else {
         "cargo xtask bench".to_string()
     };
+    if let Some(parts) = &args.only {
+        command.push_str(&format!(" --only {parts}"));
+    }
     let date = date();
     let interrupted = || INTERRUPTED.load(Ordering::SeqCst);
     raise_nofile_limit();
