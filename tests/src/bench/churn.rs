@@ -743,7 +743,7 @@ pub fn runs_table(r: &ChurnResults) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| front | clients | run | new conn/s | ÷ direct | ÷ nftables | established | seconds | outcome | failed connects | SYN retransmits | accepted by the KeyDBs | balancer drops (drop_snat_exhausted) |"
+        "| front | clients | run | new conn/s | ÷ direct | ÷ nftables | established | seconds | outcome | failed connects | SYN retransmits | accepted by the KeyDBs | balancer drops by reason |"
     );
     let _ = writeln!(
         t,
@@ -756,14 +756,16 @@ pub fn runs_table(r: &ChurnResults) -> String {
         let nft = r
             .find(Front::Nftables, run.clients, run.run)
             .map(|d| d.rate());
-        let drops = if run.front == Front::Balancer {
-            format!(
-                "{} ({})",
-                run.total_drops(),
-                run.drop_count("drop_snat_exhausted")
-            )
-        } else {
+        let drops: String = if run.front != Front::Balancer {
             "–".into()
+        } else if run.drops.is_empty() {
+            "0".into()
+        } else {
+            run.drops
+                .iter()
+                .map(|(n, v)| format!("{n} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         let _ = writeln!(
             t,
@@ -1056,6 +1058,8 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("**unfinished** (capped)"), "{t}");
+        assert!(t.contains("| drop_snat_exhausted 7 |"), "{t}");
+        assert!(t.contains("| 30000 | – |"), "{t}");
         let targets = targets_table(&r);
         assert!(
             targets.contains("lowest 0.04 (-c 50 run 1) | **no**"),
