@@ -13,8 +13,10 @@ fi
 # 1. Debian packages the tests, demo and benchmarks use.
 #    redis-tools brings redis-cli and redis-benchmark; systemd brings
 #    systemd-analyze, which checks scripts/balancer.service; lintian checks
-#    the Debian package; chromium loads the status page in tests/tests/status_page.rs.
-pkgs=(redis-server redis-tools bpftool iproute2 ethtool keepalived haproxy tcpdump procps psmisc systemd lintian chromium)
+#    the Debian package; chromium loads the status page in
+#    tests/tests/status_page.rs; nftables is the in-kernel DNAT peer of the
+#    benchmark's churn scenario.
+pkgs=(redis-server redis-tools bpftool iproute2 ethtool keepalived haproxy tcpdump procps psmisc systemd lintian chromium nftables)
 missing=()
 for p in "${pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -28,6 +30,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # The packages start system-wide daemons; the tests start their own in
     # namespaces, so stop and disable the stock ones (no systemd here is fine).
+    # nftables runs no daemon, and stopping its unit would flush the host's
+    # ruleset, so it is left alone.
     for svc in redis-server keepalived haproxy; do
         if command -v systemctl >/dev/null 2>&1; then
             systemctl disable --now "$svc" >/dev/null 2>&1 || true

@@ -53,12 +53,17 @@ enum Cmd {
     },
     /// Install what is missing, build, and benchmark: per-packet cost,
     /// redis-benchmark direct / through XDP / through HAProxy, CPU, failover
-    /// against keepalived + HAProxy. Writes
+    /// against keepalived + HAProxy, connection churn against HAProxy and
+    /// nftables, a reconnect storm. Writes
     /// bench/results/ (release build); --quick: target/bench-quick/ (debug).
     Bench {
         /// Tiny counts and one round: a smoke run of every code path.
         #[arg(long)]
         quick: bool,
+        /// Run only these parts, comma-separated: packet, lab, failover,
+        /// churn, storm (passed to the bench binary's `--only`).
+        #[arg(long, value_name = "PART[,PART]")]
+        only: Option<String>,
     },
 }
 
@@ -155,7 +160,7 @@ fn main() -> Result<()> {
             demo.env("PATH", test_path(keydb.as_deref())?);
             run(demo)
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, only } => {
             setup(&root)?;
             // The quick smoke run reuses the debug build `test` makes; the
             // measured run uses release binaries (the figures come from the
@@ -167,6 +172,9 @@ fn main() -> Result<()> {
             bench.env("BALANCER_BIN", bin.join("balancer"));
             if quick {
                 bench.arg("--quick");
+            }
+            if let Some(parts) = only {
+                bench.arg("--only").arg(parts);
             }
             run(bench)
         }

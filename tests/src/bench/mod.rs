@@ -7,11 +7,16 @@
 //!   HAProxy, with the CPU each balancer spends.
 //! - [`failover`]: the client's longest gap when the VIP holder's link is
 //!   cut, for our agents and for keepalived + HAProxy (default and tuned).
-//! - [`report`]: the Markdown report and the SVG chart.
+//! - [`churn`]: a new connection per request through each front (direct,
+//!   this balancer, HAProxy, nftables), two runs back to back.
+//! - [`storm`]: every client reconnecting at once after the master's link
+//!   is cut.
+//! - [`report`]: the Markdown report and the SVG charts.
 //!
 //! Benchmarks never decide a test's outcome; the harness fails only when a
 //! measurement could not be taken (or proved wrong, e.g. a packet that did
 //! not take the path it was meant to measure).
+pub mod churn;
 pub mod cpu;
 pub mod failover;
 pub mod haproxy;
@@ -19,3 +24,4 @@ pub mod lab_run;
 pub mod packet_cost;
 pub mod redis_benchmark;
 pub mod report;
+pub mod storm;

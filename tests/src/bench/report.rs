@@ -11,10 +11,12 @@ use plotters::{
 };
 
 use super::{
+    churn::{self, ChurnResults, Front},
     failover::{self, FailoverStatus},
     lab_run::{BalancerCpu, LabResults, Mode, Sample},
     packet_cost::{Method, PacketCost},
     redis_benchmark::Workload,
+    storm::{self, StormResults},
 };
 
 /// Medians over the rounds of one mode for one test row.
@@ -568,6 +570,8 @@ pub struct ReportInput<'a> {
     pub lab: Option<&'a LabResults>,
     pub summary: Option<&'a Summary>,
     pub failover: &'a FailoverStatus,
+    pub churn: Option<&'a ChurnResults>,
+    pub storm: Option<&'a StormResults>,
     pub chart_file: &'a str,
 }
 
@@ -672,6 +676,15 @@ pub fn render_markdown(r: &ReportInput) -> String {
             let _ = writeln!(m, "{}", r.failover.summary());
         }
         FailoverStatus::Measured(f) => render_failover(&mut m, f),
+    }
+    if r.churn.is_some() || r.storm.is_some() {
+        let _ = writeln!(m, "![churn chart]({CHURN_CHART})\n");
+    }
+    if let Some(c) = r.churn {
+        churn::render(&mut m, c);
+    }
+    if let Some(st) = r.storm {
+        storm::render(&mut m, st);
     }
     let _ = writeln!(m, "## What limits each figure\n{LIMITS}");
     let _ = writeln!(
@@ -860,12 +873,14 @@ pub fn to_json(
     json!({ "packet_cost": packet, "lab": lab, "failover": failover::to_json(failover) })
 }
 
-/// Grey (direct / xdp_pass), blue (XDP), red (HAProxy), light blue (b′).
-const COLORS: [RGBColor; 4] = [
+/// Grey (direct / xdp_pass), blue (XDP), red (HAProxy), light blue (b′),
+/// green (nftables).
+const COLORS: [RGBColor; 5] = [
     RGBColor(0x88, 0x88, 0x88),
     RGBColor(0x1f, 0x77, 0xb4),
     RGBColor(0xd6, 0x27, 0x28),
     RGBColor(0x9e, 0xc9, 0xe8),
+    RGBColor(0x2c, 0xa0, 0x2c),
 ];
 
 /// A number for an axis whose top is `top`: no more digits than useful.
@@ -1137,6 +1152,204 @@ pub fn write_all(dir: &Path, input: &ReportInput, json: &serde_json::Value) -> R
     Ok(())
 }
 
+/// The churn and storm chart's file name, next to REPORT.md.
+pub const CHURN_CHART: &str = "churn.svg";
+
+fn front_color(f: Front) -> RGBColor {
+    match f {
+        Front::Direct => COLORS[0],
+        Front::Balancer => COLORS[1],
+        Front::Haproxy => COLORS[2],
+        Front::Nftables => COLORS[4],
+    }
+}
+
+fn draw_churn(path: &Path, c: Option<&ChurnResults>, st: Option<&StormResults>) -> DrawResult {
+    let root = SVGBackend::new(path, (1200, 1150)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(800);
+    let panels = top.split_evenly((2, 2));
+    if let Some(c) = c {
+        let groups: Vec<(u32, usize)> = c
+            .plan
+            .concurrency
+            .iter()
+            .flat_map(|&cl| (1..=c.plan.runs).map(move |run| (cl, run)))
+            .collect();
+        let labels: Vec<String> = groups
+            .iter()
+            .map(|(cl, run)| format!("-c {cl} run {run}"))
+            .collect();
+        let per_front =
+            |value: &dyn Fn(&churn::ChurnRun) -> f64| -> Vec<(&str, RGBColor, Vec<f64>)> {
+                c.plan
+                    .fronts
+                    .iter()
+                    .map(|&f| {
+                        (
+                            f.name(),
+                            front_color(f),
+                            groups
+                                .iter()
+                                .map(|&(cl, run)| c.find(f, cl, run).map_or(f64::NAN, value))
+                                .collect(),
+                        )
+                    })
+                    .collect()
+            };
+        bars(
+            &panels[0],
+            "New connections per second (redis-benchmark -k 0)",
+            "connections/s",
+            &labels,
+            &per_front(&|r| r.rate()),
+            None,
+        )?;
+        let direct: Vec<f64> = groups
+            .iter()
+            .map(|&(cl, run)| {
+                c.find(Front::Direct, cl, run)
+                    .map_or(f64::NAN, |r| r.rate())
+            })
+            .collect();
+        let relative: Vec<(&str, RGBColor, Vec<f64>)> = per_front(&|r| r.rate())
+            .into_iter()
+            .filter(|(name, _, _)| *name != Front::Direct.name())
+            .map(|(name, color, v)| {
+                (
+                    name,
+                    color,
+                    v.iter().zip(&direct).map(|(a, d)| a / d).collect(),
+                )
+            })
+            .collect();
+        bars(
+            &panels[1],
+            "New connections per second relative to direct",
+            "÷ direct",
+            &labels,
+            &relative,
+            Some((0.5, "target 0.5 (this balancer)")),
+        )?;
+        bars(
+            &panels[2],
+            "Client SYN retransmits per run (nstat)",
+            "SYN retransmits",
+            &labels,
+            &per_front(&|r| r.syn_retransmits as f64),
+            None,
+        )?;
+        bars(
+            &panels[3],
+            "Client failed connects per run (TcpAttemptFails)",
+            "failed connects",
+            &labels,
+            &per_front(&|r| r.failed_connects as f64),
+            None,
+        )?;
+    }
+    if let Some(st) = st {
+        let in_ms = |d: Option<std::time::Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+        bars(
+            &bottom,
+            &format!(
+                "Reconnect storm: {} of {} clients reconnected; time from the VIP move, ms",
+                st.succeeded(),
+                st.plan.clients
+            ),
+            "ms",
+            &["this balancer (our agents)".to_string()],
+            &[
+                ("median", COLORS[3], vec![in_ms(st.quantile(0.5))]),
+                ("p99", COLORS[1], vec![in_ms(st.quantile(0.99))]),
+                ("last", COLORS[2], vec![in_ms(st.last())]),
+            ],
+            None,
+        )?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Writes churn.md, churn.svg and churn.json into `dir`: the churn and
+/// storm figures on their own, so a run of only those parts leaves the
+/// other parts' REPORT.md, chart.svg and results.json as they were.
+pub fn write_churn(
+    dir: &Path,
+    input: &ReportInput,
+    c: Option<&ChurnResults>,
+    st: Option<&StormResults>,
+) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let chart = dir.join(CHURN_CHART);
+    draw_churn(&chart, c, st).map_err(|e| anyhow::anyhow!("draw {}: {e}", chart.display()))?;
+    let mut m = String::new();
+    let _ = writeln!(
+        m,
+        "# Benchmark: connection churn and reconnect storm (issue 9)\n"
+    );
+    let _ = writeln!(
+        m,
+        "Run of {} with `{}`{}. Everything ran in network namespaces on 198.18.0.0/15 \
+         (2 nodes + client on a bridge; {}).\n",
+        input.date,
+        input.command,
+        if input.quick {
+            " (**quick smoke run: tiny counts, figures meaningless**)"
+        } else {
+            ""
+        },
+        c.map(|c| c.plan.xdp)
+            .or(st.map(|s| s.plan.xdp))
+            .map_or("", |x| x.describe())
+    );
+    let _ = writeln!(m, "![chart]({CHURN_CHART})\n");
+    match c {
+        Some(c) => churn::render(&mut m, c),
+        None => {
+            let _ = writeln!(
+                m,
+                "## Connection churn (issue 9)\n\nNot run in this invocation.\n"
+            );
+        }
+    }
+    match st {
+        Some(st) => storm::render(&mut m, st),
+        None => {
+            let _ = writeln!(
+                m,
+                "## Reconnect storm (issue 9)\n\nNot run in this invocation.\n"
+            );
+        }
+    }
+    let _ = writeln!(m, "## Machine\n");
+    let _ = writeln!(m, "| | |\n|---|---|");
+    for (k, v) in machine_facts() {
+        let _ = writeln!(m, "| {k} | {v} |");
+    }
+    if let Some(c) = c {
+        let _ = writeln!(
+            m,
+            "\n## HAProxy configuration of the churn runs\n\n```\n{}```",
+            c.haproxy_config
+        );
+    }
+    fs::write(dir.join("churn.md"), m).context("write churn.md")?;
+    let json = serde_json::json!({
+        "date": input.date,
+        "command": input.command,
+        "quick": input.quick,
+        "churn": c.map(churn::to_json),
+        "storm": st.map(storm::to_json),
+    });
+    fs::write(
+        dir.join("churn.json"),
+        serde_json::to_string_pretty(&json).context("serialise churn results")?,
+    )
+    .context("write churn.json")?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -1291,6 +1504,8 @@ mod tests {
             lab: Some(&l),
             summary: Some(&s),
             failover: &failover,
+            churn: None,
+            storm: None,
             chart_file: "chart.svg",
         };
         let md = render_markdown(&input);
@@ -1317,5 +1532,79 @@ mod tests {
             ..input
         });
         assert!(none.contains("Failover: not run"), "{none}");
+    }
+
+    #[test]
+    fn churn_and_storm_files_stand_apart() {
+        use crate::bench::{
+            churn::{ChurnPlan, ChurnRun, Outcome},
+            storm::StormPlan,
+        };
+        let runs = Front::ALL
+            .iter()
+            .map(|&front| ChurnRun {
+                front,
+                clients: 50,
+                run: 1,
+                outcome: Outcome::Finished,
+                elapsed: Duration::from_secs(2),
+                accepted: 1000,
+                bench_rps: Vec::new(),
+                failed_connects: 0,
+                syn_retransmits: 2,
+                active_opens: 1000,
+                drops: Vec::new(),
+            })
+            .collect();
+        let churn = ChurnResults {
+            plan: ChurnPlan::quick(LabXdp::Generic),
+            runs,
+            errors: Vec::new(),
+            loadavg: (String::new(), String::new()),
+            elapsed: Duration::from_secs(8),
+            nft_ruleset: churn::nft_ruleset(),
+            haproxy_config: "global\n".into(),
+        };
+        let storm = StormResults {
+            plan: StormPlan::quick(LabXdp::Generic),
+            connected_before: 50,
+            takeover: Duration::from_millis(300),
+            reconnect_times: vec![Duration::from_millis(5); 50],
+            failed: 0,
+            attempts: 50,
+            errors: Vec::new(),
+            syn_retransmits: 0,
+            drops: Vec::new(),
+            elapsed: Duration::from_secs(9),
+        };
+        let input = ReportInput {
+            quick: true,
+            command: "cargo xtask bench --quick --only churn,storm".into(),
+            date: "today".into(),
+            packet: None,
+            lab: None,
+            summary: None,
+            failover: &FailoverStatus::NotRun,
+            churn: Some(&churn),
+            storm: Some(&storm),
+            chart_file: "chart.svg",
+        };
+        let dir = std::env::temp_dir().join(format!("bench-churn-test-{}", std::process::id()));
+        write_churn(&dir, &input, Some(&churn), Some(&storm)).unwrap();
+        let md = std::fs::read_to_string(dir.join("churn.md")).unwrap();
+        let svg = std::fs::read_to_string(dir.join(CHURN_CHART)).unwrap();
+        let json = std::fs::read_to_string(dir.join("churn.json")).unwrap();
+        let main_files = ["REPORT.md", "chart.svg", "results.json"].map(|f| dir.join(f).exists());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(main_files, [false; 3]);
+        assert!(
+            md.contains("## Connection churn") && md.contains("## Reconnect storm"),
+            "{md}"
+        );
+        assert!(md.contains("| nftables | 50 | 1 | 500 |"), "{md}");
+        assert!(svg.contains("New connections per second") && svg.contains("Reconnect storm"));
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(json["storm"]["reconnected"], 50);
+        assert!(render_markdown(&input).contains("## Reconnect storm"));
     }
 }

@@ -12,7 +12,8 @@
 //!   --rounds N           rounds of the end-to-end part (default 5)
 //!   --failover-trials N  hard node losses per failover setup (default 5)
 //!   --out DIR            where to write the report (default bench/results/)
-//!   --only PART          `packet`, `lab` or `failover`: run one part only
+//!   --only PART[,PART]   run only these parts: `packet`, `lab`,
+//!                        `failover`, `churn`, `storm` (comma-separated)
 //!   --xdp-mode MODE      `generic` (default): the agent attaches in skb
 //!                        mode and the lab's bridge ports run no XDP
 //!                        (faster for every path on this lab, see
@@ -36,10 +37,12 @@ use std::{
 use anyhow::{bail, Context, Result};
 use balancer_tests::{
     bench::{
+        churn::{self, ChurnPlan},
         failover::{self, FailoverPlan, FailoverStatus},
         lab_run::{run_lab, LabPlan, LabXdp, Placement},
         packet_cost::{measure, PacketCostPlan},
         report::{self, ReportInput},
+        storm::{self, StormPlan},
     },
     lab::workspace_dir,
 };
@@ -52,15 +55,23 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 
 struct Args {
     quick: bool,
+    /// `--only` as given, for the report's command line.
+    only: Option<String>,
     rounds: usize,
     failover_trials: Option<usize>,
     out: Option<PathBuf>,
     packet: bool,
     lab: bool,
     failover: bool,
+    churn: bool,
+    storm: bool,
     xdp: LabXdp,
     placement: Placement,
 }
+
+/// The parts `--only` selects from.
+const PARTS: [&str; 5] = ["packet", "lab", "failover", "churn", "storm"];
+const ONLY_USAGE: &str = "--only PART[,PART...] with parts packet, lab, failover, churn, storm";
 
 /// The lab's XDP set-up when `--xdp-mode` is not given (see ANALYSIS.md).
 const DEFAULT_XDP: LabXdp = LabXdp::Generic;
@@ -80,12 +91,15 @@ fn parse_args() -> Result<Args> {
         .unwrap_or(1);
     let mut a = Args {
         quick: false,
+        only: None,
         rounds: 3,
         failover_trials: None,
         out: None,
         packet: true,
         lab: true,
         failover: true,
+        churn: true,
+        storm: true,
         xdp: DEFAULT_XDP,
         placement: Placement::default(),
     };
@@ -102,13 +116,20 @@ fn parse_args() -> Result<Args> {
             }
             "--out" => a.out = Some(PathBuf::from(it.next().context("--out needs a directory")?)),
             "--only" => {
-                let part = it.next();
-                a.packet = part.as_deref() == Some("packet");
-                a.lab = part.as_deref() == Some("lab");
-                a.failover = part.as_deref() == Some("failover");
-                if !(a.packet || a.lab || a.failover) {
-                    bail!("--only packet|lab|failover, not {part:?}");
+                let list = it.next().context(ONLY_USAGE)?;
+                let parts: Vec<&str> = list.split(',').map(str::trim).collect();
+                for part in &parts {
+                    if !PARTS.contains(part) {
+                        bail!("{ONLY_USAGE}, not {part:?}");
+                    }
                 }
+                let has = |p: &str| parts.contains(&p);
+                a.packet = has("packet");
+                a.lab = has("lab");
+                a.failover = has("failover");
+                a.churn = has("churn");
+                a.storm = has("storm");
+                a.only = Some(parts.join(","));
             }
             "--xdp-mode" => {
                 let v = it.next();
@@ -130,7 +151,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "usage: bench [--quick] [--rounds N] [--failover-trials N] [--out DIR] \
-                     [--only packet|lab|failover] [--xdp-mode generic|native] [--client-cpu N] \
+                     [--only packet,lab,failover,churn,storm] [--xdp-mode generic|native] [--client-cpu N] \
                      [--pin|--no-pin]"
                 );
                 std::process::exit(0);
@@ -160,6 +181,20 @@ fn main() {
     }
 }
 
+/// Raises the soft RLIMIT_NOFILE to the hard limit: the storm's clients
+/// hold thousands of sockets in this process, and redis-benchmark and the
+/// servers inherit the limit.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                eprintln!("bench: cannot raise RLIMIT_NOFILE from {soft} to {hard}: {e}");
+            }
+        }
+    }
+}
+
 fn date() -> String {
     Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
@@ -181,13 +216,17 @@ fn bench() -> Result<()> {
             root.join("bench/results")
         }
     });
-    let command = if args.quick {
+    let mut command = if args.quick {
         "cargo xtask bench --quick".to_string()
     } else {
         "cargo xtask bench".to_string()
     };
+    if let Some(parts) = &args.only {
+        command.push_str(&format!(" --only {parts}"));
+    }
     let date = date();
     let interrupted = || INTERRUPTED.load(Ordering::SeqCst);
+    raise_nofile_limit();
 
     let packet = if args.packet {
         let plan = if args.quick {
@@ -249,6 +288,71 @@ fn bench() -> Result<()> {
         FailoverStatus::NotRun
     };
 
+    // Measurements that could not be taken; reported after the files
+    // are written.
+    let mut incomplete = Vec::new();
+    let churn = if args.churn {
+        let plan = if args.quick {
+            ChurnPlan::quick(args.xdp)
+        } else {
+            ChurnPlan::full(args.xdp)
+        };
+        println!(
+            "\n== Connection churn (redis-benchmark -k 0 -t ping, {} connections per run, -c {:?}, {} runs per front, cap {} s) ==",
+            plan.connections,
+            plan.concurrency,
+            plan.runs,
+            plan.cap.as_secs()
+        );
+        match churn::measure(plan, &interrupted) {
+            Ok(r) => {
+                for (front, e) in &r.errors {
+                    incomplete.push(format!("churn, {}: {e}", front.name()));
+                }
+                Some(r)
+            }
+            Err(e) if interrupted() => return Err(e),
+            Err(e) => {
+                eprintln!("  churn failed: {e:#}");
+                incomplete.push(format!("churn: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if interrupted() {
+        bail!("interrupted");
+    }
+    let storm = if args.storm {
+        let plan = if args.quick {
+            StormPlan::quick(args.xdp)
+        } else {
+            StormPlan::full(args.xdp)
+        };
+        println!(
+            "\n== Reconnect storm ({} clients through the VIP, the master's link cut) ==",
+            plan.clients
+        );
+        match storm::measure(plan, &interrupted) {
+            Ok(r) => {
+                print!("{}", storm::summary_table(&r));
+                Some(r)
+            }
+            Err(e) if interrupted() => return Err(e),
+            Err(e) => {
+                eprintln!("  storm failed: {e:#}");
+                incomplete.push(format!("storm: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if interrupted() {
+        bail!("interrupted");
+    }
+
     let input = ReportInput {
         quick: args.quick,
         command,
@@ -257,10 +361,27 @@ fn bench() -> Result<()> {
         lab: lab.as_ref(),
         summary: summary.as_ref(),
         failover: &failover,
+        churn: churn.as_ref(),
+        storm: storm.as_ref(),
         chart_file: "chart.svg",
     };
-    let json = report::to_json(packet.as_ref(), lab.as_ref(), &failover);
-    report::write_all(&out, &input, &json)?;
+    // REPORT.md, chart.svg and results.json hold the parts of one
+    // invocation: a run of only churn and storm leaves them alone and
+    // writes churn.{md,svg,json} only.
+    let main_parts = args.packet || args.lab || args.failover;
+    if main_parts {
+        let mut json = report::to_json(packet.as_ref(), lab.as_ref(), &failover);
+        json["churn"] = churn
+            .as_ref()
+            .map_or(serde_json::Value::Null, churn::to_json);
+        json["storm"] = storm
+            .as_ref()
+            .map_or(serde_json::Value::Null, storm::to_json);
+        report::write_all(&out, &input, &json)?;
+    }
+    if args.churn || args.storm {
+        report::write_churn(&out, &input, churn.as_ref(), storm.as_ref())?;
+    }
 
     if let Some(s) = &summary {
         println!("\n== Results (medians over {} round(s)) ==\n", args.rounds);
@@ -278,11 +399,32 @@ fn bench() -> Result<()> {
         println!("\n== Failover: client-observed longest gap per hard node loss ==\n");
     }
     print!("{}", failover.summary());
-    println!(
-        "\nReport: {}\nChart:  {}",
-        out.join("REPORT.md").display(),
-        out.join("chart.svg").display()
-    );
+    if let Some(c) = &churn {
+        println!("\n== Connection churn: every run ==\n");
+        print!("{}", churn::runs_table(c));
+        println!();
+        print!("{}", churn::targets_table(c));
+    }
+    if main_parts {
+        println!(
+            "\nReport: {}\nChart:  {}",
+            out.join("REPORT.md").display(),
+            out.join("chart.svg").display()
+        );
+    }
+    if args.churn || args.storm {
+        println!(
+            "\nChurn report: {}\nChurn chart:  {}",
+            out.join("churn.md").display(),
+            out.join(report::CHURN_CHART).display()
+        );
+    }
+    if !incomplete.is_empty() {
+        bail!(
+            "measurements incomplete (report written):\n{}",
+            incomplete.join("\n")
+        );
+    }
     if let FailoverStatus::Measured(r) = &failover {
         if !r.complete() {
             let errors: Vec<String> = r
