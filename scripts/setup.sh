@@ -15,8 +15,8 @@ fi
 #    systemd-analyze, which checks scripts/balancer.service; lintian checks
 #    the Debian package; chromium loads the status page in
 #    tests/tests/status_page.rs; nftables is the in-kernel DNAT peer of the
-#    benchmark's churn scenario.
-pkgs=(redis-server redis-tools bpftool iproute2 ethtool keepalived haproxy tcpdump procps psmisc systemd lintian chromium nftables)
+#    benchmark's churn scenario; stress-ng loads the CPUs in tests/tests/cluster.rs.
+pkgs=(redis-server redis-tools bpftool iproute2 ethtool keepalived haproxy tcpdump procps psmisc systemd lintian chromium nftables stress-ng)
 missing=()
 for p in "${pkgs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
