@@ -76,6 +76,14 @@ pub const GARP_SPACING: Duration = Duration::from_millis(5);
 /// How often the link state and, while master, the VIPs are checked, in
 /// case a netlink notification was missed.
 pub const INTERFACE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// A VIP is added valid for this long and renewed at every interface
+/// check while master: if the agent dies without removing it (SIGKILL, a
+/// crash), the kernel removes it by itself, so the dead node stops
+/// answering ARP for the VIP that the peer took over. It bounds the time
+/// both nodes hold the VIP after a crash (keepalived's VIPs stay until
+/// someone deletes them). Three renewals fit in it, so a starved agent
+/// keeps its VIP through two missed checks.
+pub const VIP_LIFETIME_SECS: u32 = 3;
 /// The same warning about dropped adverts at most this often.
 pub const DROP_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 /// [`Election::shutdown`] waits this long for the thread (priority-0 advert,
@@ -800,7 +808,11 @@ impl<F: ActiveFlag> Runner<F> {
 
     async fn add_vips(&mut self) {
         for &vip in &self.setup.vips {
-            match self.netlink.add_vip(self.setup.ifindex, vip).await {
+            match self
+                .netlink
+                .add_vip(self.setup.ifindex, vip, Some(VIP_LIFETIME_SECS))
+                .await
+            {
                 Ok(true) => {
                     info!(vrid = self.vrid(), %vip, interface = %self.setup.interface, "added VIP")
                 }
@@ -980,7 +992,11 @@ impl<F: ActiveFlag> Runner<F> {
     }
 
     async fn restore_vip(&mut self, vip: Ipv4Addr) {
-        match self.netlink.add_vip(self.setup.ifindex, vip).await {
+        match self
+            .netlink
+            .add_vip(self.setup.ifindex, vip, Some(VIP_LIFETIME_SECS))
+            .await
+        {
             Ok(true) => warn!(
                 vrid = self.vrid(),
                 %vip,
@@ -998,7 +1014,8 @@ impl<F: ActiveFlag> Runner<F> {
     }
 
     /// The safety net for missed notifications: link state always, the
-    /// VIPs while master.
+    /// VIPs while master (and their lifetime renewed,
+    /// [`VIP_LIFETIME_SECS`]).
     async fn check_interface(&mut self) {
         match self.netlink.link_up(self.setup.ifindex).await {
             Ok(up) => self.link_changed(up).await,
@@ -1022,6 +1039,14 @@ impl<F: ActiveFlag> Runner<F> {
         for vip in self.setup.vips.clone() {
             if !present.contains(&vip) {
                 self.restore_vip(vip).await;
+            } else if let Err(error) = self
+                .netlink
+                .renew_vip(self.setup.ifindex, vip, VIP_LIFETIME_SECS)
+                .await
+            {
+                if self.warnings.allow("renew") {
+                    warn!(vrid = self.vrid(), %vip, error = %error_chain(&error), "cannot renew the VIP's lifetime");
+                }
             }
         }
     }

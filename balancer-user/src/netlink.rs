@@ -14,7 +14,7 @@ use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
 use rtnetlink::{
     packet_core::{DefaultNla, NetlinkMessage, NetlinkPayload},
     packet_route::{
-        address::{AddressAttribute, AddressMessage},
+        address::{AddressAttribute, AddressMessage, CacheInfo},
         link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         AddressFamily, RouteNetlinkMessage,
@@ -112,10 +112,15 @@ impl Netlink {
             .collect())
     }
 
-    /// Adds `vip`/32 to interface `ifindex`; `Ok(false)` when it was
-    /// already there.
-    pub async fn add_vip(&self, ifindex: u32, vip: Ipv4Addr) -> Result<bool, NetlinkError> {
-        match self.add_address(ifindex, vip).await {
+    /// Adds `vip`/32 to interface `ifindex`, valid for `lifetime` seconds
+    /// (forever with `None`); `Ok(false)` when it was already there.
+    pub async fn add_vip(
+        &self,
+        ifindex: u32,
+        vip: Ipv4Addr,
+        lifetime: Option<u32>,
+    ) -> Result<bool, NetlinkError> {
+        match self.add_address(ifindex, vip, lifetime, false).await {
             Ok(()) => Ok(true),
             Err(NetlinkError::AddAddress { source, .. })
                 if errno(&source) == Some(libc::EEXIST) =>
@@ -124,6 +129,17 @@ impl Netlink {
             }
             Err(error) => Err(error),
         }
+    }
+
+    /// Renews `vip`/32 on interface `ifindex` for `lifetime` more seconds
+    /// (adding it if it is gone).
+    pub async fn renew_vip(
+        &self,
+        ifindex: u32,
+        vip: Ipv4Addr,
+        lifetime: u32,
+    ) -> Result<(), NetlinkError> {
+        self.add_address(ifindex, vip, Some(lifetime), true).await
     }
 
     /// Removes `vip`/32 from interface `ifindex`; `Ok(false)` when it was
@@ -243,10 +259,29 @@ impl Netlink {
             .ok_or(NetlinkError::NoHardwareAddress { ifindex })
     }
 
-    async fn add_address(&self, ifindex: u32, addr: Ipv4Addr) -> Result<(), NetlinkError> {
-        self.handle
-            .address()
-            .add(ifindex, IpAddr::V4(addr), 32)
+    async fn add_address(
+        &self,
+        ifindex: u32,
+        addr: Ipv4Addr,
+        lifetime: Option<u32>,
+        replace: bool,
+    ) -> Result<(), NetlinkError> {
+        let mut request = self.handle.address().add(ifindex, IpAddr::V4(addr), 32);
+        if let Some(secs) = lifetime {
+            // The kernel removes the address itself when `secs` pass
+            // without a renewal (`ip addr … valid_lft`).
+            let mut lifetimes = CacheInfo::default();
+            lifetimes.ifa_preferred = secs;
+            lifetimes.ifa_valid = secs;
+            request
+                .message_mut()
+                .attributes
+                .push(AddressAttribute::CacheInfo(lifetimes));
+        }
+        if replace {
+            request = request.replace();
+        }
+        request
             .execute()
             .await
             .map_err(|source| NetlinkError::AddAddress {
@@ -441,7 +476,7 @@ impl VipGuard {
                 info!(%vip, interface, "VIP already on the interface, leaving it as is");
                 continue;
             }
-            netlink.add_address(ifindex, vip).await?;
+            netlink.add_address(ifindex, vip, None, false).await?;
             info!(%vip, interface, "added VIP");
             guard.added.push(vip);
         }

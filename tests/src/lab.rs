@@ -908,13 +908,22 @@ impl Lab {
             .server
             .as_ref()
             .with_context(|| format!("no server runs on node {index}"))?;
+        let pid = server.id();
         // SAFETY: a plain kill(2) of our own child.
-        if unsafe { libc::kill(server.id() as i32, signal) } != 0 {
-            bail!(
-                "kill({}, {signal}): {}",
-                server.id(),
-                std::io::Error::last_os_error()
-            );
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+        }
+        if signal == libc::SIGSTOP {
+            // kill(2) returns before every thread has stopped: a
+            // multi-threaded server (KeyDB) may still answer a request sent
+            // at once. Wait until each of its threads is in state T.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !all_threads_stopped(pid) {
+                if Instant::now() >= deadline {
+                    bail!("server {pid} on node {index} did not stop within 5 s of SIGSTOP");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         Ok(())
     }
@@ -1328,6 +1337,23 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16,
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Every thread of process `pid` is stopped (`T` in /proc/PID/task/*/stat).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(|t| t.ok()).all(|task| {
+        fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                // The state follows the parenthesised command name.
+                let after = stat.rsplit_once(')')?.1;
+                after.split_whitespace().next().map(|state| state == "T")
+            })
+            .unwrap_or(false)
+    })
 }
 
 /// Runs a command with a deadline; its stdout, or an error with stderr.

@@ -248,8 +248,14 @@ fn check_the_cluster(lab: &mut Lab) -> Result<()> {
     ensure!(metric(&body, "balancer_vrrp_state", &[("state", "backup")])? == 1.0);
     ensure!(metric(&body, "balancer_vip_held", &[("vip", "198.18.0.100")])? == 0.0);
     let addr = SocketAddr::V4(lab.metrics_addr(1));
-    let (code, _) = lab.in_client(move || http_get(addr, "/", Duration::from_secs(5)))??;
-    ensure!(code == 404, "GET / answered {code}");
+    let (code, page) = lab.in_client(move || http_get(addr, "/", Duration::from_secs(5)))??;
+    ensure!(
+        code == 200 && page.contains("MASTER"),
+        "GET / (the status page) answered {code}: {page}"
+    );
+    let (code, _) =
+        lab.in_client(move || http_get(addr, "/metrics/x", Duration::from_secs(5)))??;
+    ensure!(code == 404, "GET /metrics/x answered {code}");
 
     // --- node 2's KeyDB dies ------------------------------------------------
     lab.kill_server(2)?;

@@ -56,6 +56,10 @@ const WRITES_AFTER: usize = 500;
 const DETECTION_MARGIN: Duration = Duration::from_millis(100);
 /// Timeout of each probing connection through the VIP.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long a crashed holder's VIP may stay on its interface: the VIP's
+/// lifetime (`VIP_LIFETIME_SECS`, 3 s) plus up to one renewal interval
+/// before the crash and a second for the kernel's expiry timer.
+const DUAL_HOLDING_BOUND: Duration = Duration::from_secs(5);
 /// Node 1's priority in every cluster here; the others are lower.
 const HIGH: u8 = 150;
 
@@ -314,6 +318,21 @@ fn crashed_holder_agent_is_replaced_and_restart_takes_back() -> Result<()> {
             report.longest_gap <= MAX_FAILOVER_GAP,
             "client gap {:.0} ms > {MAX_FAILOVER_GAP:?} after the holder's agent crashed: {report}",
             report.longest_gap.as_secs_f64() * 1000.0
+        );
+        // Nobody removes the dead agent's VIP: its lifetime runs out.
+        let (_, alone) = lab.wait_for_holders(
+            "the crashed agent's VIP expires on node 1",
+            DUAL_HOLDING_BOUND + FAILOVER_TIMEOUT,
+            |h| h == [2],
+        )?;
+        let both = alone - crash;
+        println!(
+            "both nodes held the VIP for at most {:.0} ms after the crash (bound {DUAL_HOLDING_BOUND:?})",
+            both.as_secs_f64() * 1000.0
+        );
+        ensure!(
+            both <= DUAL_HOLDING_BOUND,
+            "node 1 kept the dead agent's VIP for {both:?} (bound {DUAL_HOLDING_BOUND:?})"
         );
 
         let restart = Instant::now();
