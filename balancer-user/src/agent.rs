@@ -42,7 +42,7 @@ use crate::{
         Admin, AdminError, AdminListeners, AgentStatus, ElectionHandles,
     },
     config::Config,
-    conntrack::{self, FlowTimeouts},
+    conntrack,
     dataplane::{
         remote_backends, service_entry, settings_value, DataPlane, DataPlaneError, ServiceTable,
     },
@@ -210,7 +210,11 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
 
     let mut dataplane = DataPlane::load(dp.conntrack_flows)?;
     let logger = dataplane.take_logger();
-    dataplane.write_settings(&settings_value(config.node.address, dp))?;
+    dataplane.write_settings(&settings_value(
+        config.node.address,
+        dp,
+        crate::dataplane::snat_partitions(),
+    ))?;
 
     let node_addrs: HashSet<Ipv4Addr> = netlink
         .ipv4_addresses()
@@ -262,7 +266,7 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
 
     let services = Arc::new(Mutex::new(dataplane.take_service_table(entries)?));
     let table = dataplane.take_conntrack()?;
-    let timeouts = FlowTimeouts::new(dp.idle_timeout, dp.closing_timeout);
+    let timeouts = crate::dataplane::hold_times(dp);
     let max_entries = balancer_common::conntrack_entries(dp.conntrack_flows) as usize;
 
     // Health: backends leaving a service's READY set have their flows
@@ -303,11 +307,13 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
         warn!(after = ?first_sets, "the first health checks have not finished; starting anyway");
     }
     let (conntrack_entries, conntrack_entries_rx) = watch::channel(0);
+    let (snat_in_use, _snat_in_use_rx) = watch::channel(Default::default());
     tasks.push(Task(tokio::spawn(conntrack::run_sweeper(
         table,
         timeouts,
         max_entries,
         conntrack_entries,
+        snat_in_use,
     ))));
     if let Some(logger) = logger {
         tasks.push(Task(tokio::spawn(forward_logs(logger))));

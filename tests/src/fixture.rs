@@ -29,8 +29,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    backend_stats_index, counter, names, Backend, FlowEntry, FlowKey, Service, ServiceKey,
-    Settings, TrafficStats, BACKEND_LOCAL, IPPROTO_TCP, MAX_BACKENDS, SERVICE_ACTIVE,
+    backend_stats_index, counter, names, Backend, FlowEntry, FlowKey, HoldTimes, Service,
+    ServiceKey, Settings, TrafficStats, BACKEND_LOCAL, IPPROTO_TCP, MAX_BACKENDS, SERVICE_ACTIVE,
 };
 
 use crate::{
@@ -268,14 +268,24 @@ pub fn active_service(id: u32, backends: &[Ipv4Addr]) -> Service {
 }
 
 /// The settings the fixtures start with: node 198.18.0.1, SNAT range
-/// 20000-29999, idle timeout an hour, closing timeout a minute.
+/// 20000-29999 split over the possible CPUs, every hold an hour except a
+/// closing timeout of a minute (tests set the one they look at to 0 to make
+/// it pass at once).
 pub fn default_settings() -> Settings {
+    const HOUR: u64 = 3_600_000_000_000;
     Settings {
         node_addr: net_addr(NODE),
         snat_port_min: SNAT_MIN,
         snat_port_max: SNAT_MAX,
-        idle_timeout_ns: 3_600_000_000_000,
-        closing_timeout_ns: 60_000_000_000,
+        snat_partitions: balancer_user::dataplane::snat_partitions(),
+        _pad: 0,
+        holds: HoldTimes {
+            idle_ns: HOUR,
+            closing_ns: 60_000_000_000,
+            close_grace_ns: HOUR,
+            time_wait_ns: HOUR,
+            embryonic_ns: HOUR,
+        },
     }
 }
 
