@@ -475,6 +475,46 @@ impl Dataplane {
         }
     }
 
+    /// Runs, at the same time on each CPU of `jobs` (one thread per job,
+    /// pinned to its CPU with `sched_setaffinity`), that job's frames in
+    /// order, each arriving on fx0. `next(cpu, i, previous outcomes)` gives
+    /// frame `i` of the job, `None` to end it, so a job can react to what
+    /// its own earlier runs did. Returns each job's outcomes. Threads
+    /// spawned here inherit the fixture namespace of the calling thread.
+    pub fn run_concurrently<F>(&self, cpus: &[usize], next: F) -> Result<Vec<Vec<Outcome>>>
+    where
+        F: Fn(usize, usize, &[Outcome]) -> Option<Vec<u8>> + Sync,
+    {
+        let start = std::sync::Barrier::new(cpus.len());
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = cpus
+                .iter()
+                .map(|&cpu| {
+                    let (start, next) = (&start, &next);
+                    scope.spawn(move || -> Result<Vec<Outcome>> {
+                        let mut set = nix::sched::CpuSet::new();
+                        set.set(cpu).context("CPU set")?;
+                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                            .with_context(|| format!("pin a thread to CPU {cpu}"))?;
+                        start.wait();
+                        let mut outcomes = Vec::new();
+                        while let Some(frame) = next(cpu, outcomes.len(), &outcomes) {
+                            outcomes.push(self.try_run(&frame, Ingress::Fx0)?);
+                        }
+                        Ok(outcomes)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a test-run thread panicked"))?
+                })
+                .collect()
+        })
+    }
+
     /// One `BPF_PROG_TEST_RUN` of `input` arriving on `ingress`. The kernel
     /// refuses frames shorter than an Ethernet header (EINVAL).
     pub fn try_run(&self, input: &[u8], ingress: Ingress) -> Result<Outcome, ProgramError> {

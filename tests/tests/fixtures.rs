@@ -1256,3 +1256,137 @@ fn scheduler_first_sends_every_new_connection_to_the_first_ready_backend() -> Re
         Ok(())
     })
 }
+
+/// Every online CPU creates flows at once, each from its own thread pinned
+/// there, and resets each flow once `WINDOW` newer ones exist, so ports are
+/// freed and taken over on every CPU at the same time. No port may ever be
+/// handed to two live flows: each CPU gets only ports of its own partition,
+/// within a CPU a port goes to a new flow only after its holder was reset,
+/// and at the end the table holds one live flow per (backend, port).
+#[test]
+fn concurrent_cpus_never_hand_one_port_to_two_live_flows() -> Result<()> {
+    const WINDOW: usize = 24;
+    with_dataplane(|dp| {
+        dp.set_vip_service(&active_service(0, &[backend(0), backend(1)]))?;
+        // 16 ports per CPU and backend; at most 13 live per CPU and backend.
+        partition_of_size(dp, 16)?;
+        let s = dp.settings()?;
+        let parts = s.snat_partitions as usize;
+        let cpus: Vec<usize> = aya::util::online_cpus()
+            .map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?
+            .into_iter()
+            .map(|c| c as usize)
+            .filter(|c| *c < parts)
+            .collect();
+        ensure!(!cpus.is_empty(), "no online CPU");
+        // Client ports: a block per CPU.
+        let block = 60_000 / (cpus.iter().max().unwrap() + 1);
+        let syns = block.min(3000);
+        let cport = |cpu: usize, i: usize| (2000 + cpu * block + i) as u16;
+        // Frame `idx` of a CPU: SYN 0..WINDOW, then SYN i and RST of flow
+        // i - WINDOW alternately.
+        let step = |idx: usize| -> (bool, usize) {
+            if idx < WINDOW {
+                (true, idx)
+            } else {
+                let j = idx - WINDOW;
+                if j.is_multiple_of(2) {
+                    (true, WINDOW + j / 2)
+                } else {
+                    (false, j / 2)
+                }
+            }
+        };
+        let total = WINDOW + 2 * (syns - WINDOW);
+        let reclaimed = dp.counter(counter::SNAT_RECLAIMED)?;
+        let results = dp.run_concurrently(&cpus, |cpu, idx, _| {
+            if idx >= total {
+                return None;
+            }
+            Some(match step(idx) {
+                (true, i) => syn(cport(cpu, i)).build(),
+                (false, i) => from_client(cport(cpu, i), TcpFlags::RST).build(),
+            })
+        })?;
+
+        let mut live_total = BTreeMap::new(); // (backend, port) -> client port
+        for (cpu, outcomes) in cpus.iter().zip(&results) {
+            ensure!(
+                outcomes.len() == total,
+                "CPU {cpu}: {} runs",
+                outcomes.len()
+            );
+            let mut live: BTreeMap<(Ipv4Addr, u16), u16> = BTreeMap::new();
+            let mut by_flow: BTreeMap<usize, (Ipv4Addr, u16)> = BTreeMap::new();
+            for (idx, out) in outcomes.iter().enumerate() {
+                let (is_syn, i) = step(idx);
+                if !is_syn {
+                    if let Some(held) = by_flow.remove(&i) {
+                        ensure!(
+                            out.verdict == Verdict::Tx,
+                            "CPU {cpu}: RST {i}: {:?}",
+                            out.verdict
+                        );
+                        live.remove(&held);
+                    }
+                    continue;
+                }
+                ensure!(
+                    out.verdict == Verdict::Tx,
+                    "CPU {cpu}: SYN {i}: {:?} (with at most 13 live flows per backend)",
+                    out.verdict
+                );
+                let view = FrameView::parse(&out.frame)?;
+                let ip = view.ipv4.context("IPv4")?;
+                let port = ip.tcp.context("TCP")?.sport;
+                ensure!(
+                    (port - s.snat_port_min) as usize % parts == *cpu,
+                    "CPU {cpu} got port {port}, of another CPU's partition"
+                );
+                let held = (ip.dst, port);
+                if let Some(other) = live.insert(held, cport(*cpu, i)) {
+                    anyhow::bail!(
+                        "CPU {cpu}: {held:?} given to {} while {other} holds it",
+                        cport(*cpu, i)
+                    );
+                }
+                by_flow.insert(i, held);
+            }
+            for (held, client) in live {
+                ensure!(
+                    live_total.insert(held, client).is_none(),
+                    "{held:?} live on two CPUs"
+                );
+            }
+        }
+        // The table agrees: one forward entry per live flow, each pointing
+        // at its own port, whose reverse entry points back.
+        for (&(backend_addr, port), &client_port) in &live_total {
+            let fwd = dp
+                .flow(client(client_port), VIP_SOCK)?
+                .with_context(|| format!("no forward entry for {client_port}"))?;
+            ensure!(
+                (host_addr(fwd.nat_daddr), u16::from_be(fwd.nat_sport)) == (backend_addr, port),
+                "forward entry of {client_port}: {fwd:?}"
+            );
+            let rev = dp
+                .flow((backend_addr, BACKEND_PORT), (NODE, port))?
+                .with_context(|| format!("no reverse entry for {port}"))?;
+            ensure!(
+                u16::from_be(rev.nat_dport) == client_port && rev.flags & FLOW_RESET == 0,
+                "reverse entry of {port}: {rev:?}"
+            );
+        }
+        let created = dp.counter(counter::FLOWS_CREATED)?;
+        ensure!(
+            created == (syns * cpus.len()) as u64,
+            "{created} flows created"
+        );
+        ensure!(
+            dp.counter(counter::SNAT_RECLAIMED)? > reclaimed,
+            "no port was taken over: the test did not exercise reclaim"
+        );
+        ensure!(live_total.len() == WINDOW * cpus.len());
+        Ok(())
+    })
+}
