@@ -306,8 +306,13 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
     {
         warn!(after = ?first_sets, "the first health checks have not finished; starting anyway");
     }
+    let exhaustion_maps = PinnedMaps::open(&dp.pin_dir).map_err(AdminError::from)?;
+    tasks.push(Task(tokio::spawn(conntrack::run_exhaustion_log(
+        exhaustion_maps,
+        dp.snat_ports.len(),
+    ))));
     let (conntrack_entries, conntrack_entries_rx) = watch::channel(0);
-    let (snat_in_use, _snat_in_use_rx) = watch::channel(Default::default());
+    let (snat_in_use, snat_in_use_rx) = watch::channel(Default::default());
     tasks.push(Task(tokio::spawn(conntrack::run_sweeper(
         table,
         timeouts,
@@ -370,6 +375,13 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
         },
         health: health_report_rx,
         conntrack_entries: conntrack_entries_rx,
+        snat: crate::admin::status::SnatInputs {
+            port_min: dp.snat_ports.min,
+            port_max: dp.snat_ports.max,
+            remote_backends: remote.clone(),
+            in_use: Default::default(),
+        },
+        snat_in_use: snat_in_use_rx,
         paths: paths_rx,
         maps,
         netlink: netlink.clone(),

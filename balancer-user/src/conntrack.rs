@@ -377,6 +377,81 @@ pub async fn run_sweeper(
     }
 }
 
+/// How often [`run_exhaustion_log`] reads `drop_snat_exhausted`.
+pub const EXHAUSTION_POLL: Duration = Duration::from_secs(2);
+/// At most one exhaustion warning this often.
+pub const EXHAUSTION_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Rate limit of the SNAT exhaustion warning: the first drop is reported at
+/// once, later ones at most once per `every`, with the drops since the
+/// last report. Pure (the caller passes the time).
+#[derive(Debug, Clone)]
+pub struct ExhaustionLog {
+    every: Duration,
+    /// Counter value at the last report (or at start).
+    reported: u64,
+    last_report: Option<std::time::Instant>,
+}
+
+impl ExhaustionLog {
+    /// Starts from the counter's current value: drops from before the agent
+    /// started (a restart reuses the pinned maps) are not reported.
+    pub fn new(every: Duration, total: u64) -> Self {
+        ExhaustionLog {
+            every,
+            reported: total,
+            last_report: None,
+        }
+    }
+
+    /// The drops to report now, given the counter's value `total`: `Some`
+    /// when there are new ones and no report was made within `every`.
+    pub fn observe(&mut self, now: std::time::Instant, total: u64) -> Option<u64> {
+        let new = total.wrapping_sub(self.reported);
+        if new == 0
+            || self
+                .last_report
+                .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            return None;
+        }
+        self.reported = total;
+        self.last_report = Some(now);
+        Some(new)
+    }
+}
+
+/// Warns, rate limited ([`ExhaustionLog`]), when SYNs are dropped for want
+/// of a free SNAT port, until the task is aborted.
+pub async fn run_exhaustion_log(maps: crate::stats::PinnedMaps, ports: u32) {
+    let read = || maps.counter(balancer_common::counter::DROP_SNAT_EXHAUSTED);
+    let Ok(start) = read() else { return };
+    let mut log = ExhaustionLog::new(EXHAUSTION_LOG_EVERY, start);
+    let mut interval = tokio::time::interval(EXHAUSTION_POLL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let total = match read() {
+            Ok(t) => t,
+            Err(error) => {
+                warn!(error = %error_chain(&error), "cannot read drop_snat_exhausted; stopping its log");
+                return;
+            }
+        };
+        if let Some(dropped) = log.observe(std::time::Instant::now(), total) {
+            warn!(
+                dropped,
+                total,
+                ports_per_backend = ports,
+                "SYNs dropped for want of a free SNAT port (a CPU's share of the range towards \
+                 one backend is held by live or resting flows): widen the SNAT range, shrink \
+                 net.ipv4.ip_local_port_range to make room, or use persistent connections; \
+                 `balancer status` shows ports in use per backend"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +486,20 @@ mod tests {
             e.last_seen_ns = last;
         }
         [(fwd_key, fwd), (rev_key, rev)]
+    }
+
+    #[test]
+    fn exhaustion_is_logged_at_once_then_at_most_once_a_minute() {
+        let t0 = std::time::Instant::now();
+        let s = Duration::from_secs;
+        let mut log = ExhaustionLog::new(s(60), 5);
+        assert_eq!(log.observe(t0, 5), None, "drops from before the start");
+        assert_eq!(log.observe(t0 + s(1), 8), Some(3), "the first at once");
+        assert_eq!(log.observe(t0 + s(2), 20), None);
+        assert_eq!(log.observe(t0 + s(60), 30), None);
+        assert_eq!(log.observe(t0 + s(61), 31), Some(23), "all since the last");
+        assert_eq!(log.observe(t0 + s(200), 31), None, "nothing new");
+        assert_eq!(log.observe(t0 + s(201), 32), Some(1));
     }
 
     #[test]
