@@ -1390,3 +1390,52 @@ fn concurrent_cpus_never_hand_one_port_to_two_live_flows() -> Result<()> {
         Ok(())
     })
 }
+
+/// The node's own outgoing connection to a backend's KeyDB port (KeyDB's
+/// replication link to its peer) uses a port of the node's
+/// `ip_local_port_range`, which the SNAT range never overlaps (the config
+/// refuses it): its replies pass to the stack untouched while NATed flows to
+/// the same backend:port run beside it.
+#[test]
+fn the_nodes_own_connection_to_a_backend_coexists_with_snat_flows() -> Result<()> {
+    with_dataplane(|dp| {
+        dp.set_vip_service(&active_service(0, &[backend(0)]))?;
+        let nated = dp.open_flow(&syn(43001))?;
+        // Linux's default ip_local_port_range is 32768-60999; the fixtures'
+        // SNAT range 20000-29999 is outside it.
+        let own = (NODE, 45000);
+        let s = dp.settings()?;
+        ensure!(!(s.snat_port_min..=s.snat_port_max).contains(&own.1));
+        let own_reply = |flags| {
+            Frame::tcp(mac_of(backend(0)), FX0_MAC, nated.backend, own, flags)
+                .map_tcp(|t| t.with_seq(9001).with_ack(7001))
+        };
+        dp.check_table(&[
+            Case::passes(
+                "SYN-ACK to the node's own connection",
+                &own_reply(TcpFlags::SYN_ACK),
+            )
+            .counting(counter::PASS_NOT_SERVICE),
+            Case::passes(
+                "data to the node's own connection",
+                &own_reply(TcpFlags::PSH_ACK),
+            )
+            .counting(counter::PASS_NOT_SERVICE),
+            Case::passes(
+                "FIN to the node's own connection",
+                &own_reply(TcpFlags::FIN_ACK),
+            )
+            .counting(counter::PASS_NOT_SERVICE),
+        ])?;
+        // The NATed flow beside it is untouched and still translated.
+        let reply = from_backend(&nated, TcpFlags::SYN_ACK);
+        dp.check(&Case::rewritten(
+            "reply of the NATed flow to the same backend",
+            &reply,
+            Verdict::Tx,
+            &to_client(&reply, &nated),
+        ))?;
+        ensure!(dp.flow_count()? == 2, "entries: {}", dp.flow_count()?);
+        Ok(())
+    })
+}
