@@ -316,6 +316,13 @@ pub fn purge_backends(
     }
     for (flow, keys) in flows_to_purge(entries, targets) {
         for key in keys {
+            // The walk took a while: a port of a resting flow may have been
+            // taken over by the CPU owning it, for a new flow (of another
+            // service sharing the backend). Delete only what still belongs
+            // to the flow found.
+            if !still_of(&flow, &key, table.get(&key, 0).ok()) {
+                continue;
+            }
             match table.remove(&key) {
                 Ok(()) => report.deleted += 1,
                 // Gone already: the data plane removed it (RST, expiry).
@@ -329,6 +336,14 @@ pub fn purge_backends(
         report.flows.push(flow);
     }
     report
+}
+
+/// Whether `current`, found under `key` right before a purge deletes it,
+/// still belongs to `flow`; `None` (gone already) needs no deletion.
+pub fn still_of(flow: &NatFlow, key: &FlowKey, current: Option<FlowEntry>) -> bool {
+    current
+        .and_then(|e| nat_flow(key, &e))
+        .is_some_and(|(f, _)| f == *flow)
 }
 
 /// Sweeps `table` every [`SWEEP_INTERVAL`] until the task is aborted;
@@ -657,6 +672,18 @@ mod tests {
         assert_eq!(nat_flow(&rk, &re), Some((expected, [fk, rk])));
         let odd = FlowEntry { direction: 7, ..fe };
         assert_eq!(nat_flow(&fk, &odd), None);
+    }
+
+    #[test]
+    fn purge_keeps_a_key_taken_over_by_a_new_flow_during_the_walk() {
+        let [_, (rk, old)] = nat(0, 40000, 61000, 2);
+        let (flow, _) = nat_flow(&rk, &old).unwrap();
+        assert!(still_of(&flow, &rk, Some(old)));
+        // The port went to a new flow of another service to the same backend.
+        let [_, (rk2, new)] = nat(1, 40001, 61000, 2);
+        assert_eq!(rk2, rk);
+        assert!(!still_of(&flow, &rk, Some(new)));
+        assert!(!still_of(&flow, &rk, None));
     }
 
     #[test]
