@@ -23,8 +23,13 @@ pub const LAYOUT_VERSION: u32 = 3;
 pub const MAX_SERVICES: u32 = 64;
 /// Most backends one service can have.
 pub const MAX_BACKENDS: usize = 16;
-/// Slots of the `SNAT_CURSOR` array (a power of two).
+/// Cursor slots of the `SNAT_CURSOR` array (a power of two).
 pub const SNAT_CURSORS: u32 = 1024;
+/// The `SNAT_CURSOR` slot after the cursors: per CPU, the turn of the
+/// round robin over SNAT addresses.
+pub const SNAT_ADDR_TURN: u32 = SNAT_CURSORS;
+/// Most SNAT addresses besides the node's own (`snat_addresses`).
+pub const MAX_SNAT_ADDRS: usize = 4;
 /// Default number of flows the conntrack table holds (each remote flow takes
 /// two entries, forward and reverse; see [`conntrack_entries`]).
 pub const DEFAULT_CONNTRACK_FLOWS: u32 = 262_144;
@@ -55,9 +60,9 @@ pub mod names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// `PerCpuArray<u64, counter::SLOTS>`: verdicts by reason.
     pub const COUNTERS: &str = "COUNTERS";
-    /// `PerCpuArray<u32, SNAT_CURSORS>`: per CPU and backend (by a hash of
-    /// its address and port), the index in this CPU's SNAT partition where
-    /// the next probe starts.
+    /// `PerCpuArray<u32, SNAT_CURSORS + 1>`: per CPU and backend and SNAT
+    /// address (by a hash of them), the index in this CPU's SNAT partition
+    /// where the next probe starts; then [`crate::SNAT_ADDR_TURN`].
     pub const SNAT_CURSOR: &str = "SNAT_CURSOR";
     /// The data-plane program attached to the node's interface.
     pub const PROG_BALANCER: &str = "balancer";
@@ -233,11 +238,16 @@ pub struct Settings {
     /// allocates (and reclaims) ports `p` with `(p - snat_port_min) %
     /// snat_partitions == c`. 0 is read as 1.
     pub snat_partitions: u32,
-    pub _pad: u32,
+    /// Number of valid entries in `snat_addrs`.
+    pub snat_addr_count: u32,
     /// Hold times by state.
     pub holds: HoldTimes,
+    /// SNAT source addresses besides `node_addr`, network byte order: each
+    /// new flow takes the next of `node_addr` and these in turn (per CPU),
+    /// so every address adds a full port range per backend.
+    pub snat_addrs: [u32; MAX_SNAT_ADDRS],
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 56);
+const _: () = assert!(core::mem::size_of::<Settings>() == 72);
 
 /// Key of the `CONNTRACK` map: a packet's 5-tuple as it arrives.
 ///

@@ -17,7 +17,7 @@ use balancer_common::{
     counter, FlowEntry, FlowKey, Service, ServiceKey, Settings,
     BACKEND_LOCAL, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_BACKEND_FIN, FLOW_BACKEND_FIRST,
     FLOW_BOTH_FIN, FLOW_CLIENT_FIN, FLOW_LAST_ACK, FLOW_REPLIED, FLOW_RESET, IPPROTO_TCP,
-    MAX_BACKENDS, SERVICE_ACTIVE, SERVICE_SCHEDULER_FIRST, SNAT_CURSORS,
+    MAX_BACKENDS, SERVICE_ACTIVE, SERVICE_SCHEDULER_FIRST, SNAT_ADDR_TURN, SNAT_CURSORS,
 };
 
 use crate::{
@@ -82,9 +82,9 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     // then needs one hash lookup (its flow), not two. No service can match
     // such a packet: the agent refuses a VIP equal to the node's address.
     let port = u16::from_be(dport);
-    if daddr == settings.node_addr
-        && port >= settings.snat_port_min
+    if port >= settings.snat_port_min
         && port <= settings.snat_port_max
+        && is_snat_addr(settings, daddr)
     {
         return established(ctx, &pkt, &key, flags, settings, counter::REVERSED);
     }
@@ -100,6 +100,40 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     }
     count(counter::PASS_NOT_SERVICE);
     xdp_action::XDP_PASS
+}
+
+/// Whether `addr` is one of this node's SNAT source addresses.
+#[inline(always)]
+fn is_snat_addr(settings: &Settings, addr: u32) -> bool {
+    if addr == settings.node_addr {
+        return true;
+    }
+    let n = settings.snat_addr_count as usize;
+    let a = &settings.snat_addrs;
+    (n > 0 && addr == a[0]) || (n > 1 && addr == a[1]) || (n > 2 && addr == a[2]) || (n > 3 && addr == a[3])
+}
+
+/// The SNAT source address of the next new flow on this CPU: `node_addr`
+/// and the extra addresses in turn.
+#[inline(always)]
+fn next_snat_addr(settings: &Settings) -> u32 {
+    let n = settings.snat_addr_count;
+    if n == 0 {
+        return settings.node_addr;
+    }
+    let Some(turn) = SNAT_CURSOR.get_ptr_mut(SNAT_ADDR_TURN) else {
+        return settings.node_addr;
+    };
+    let t = unsafe { *turn };
+    let next = if t >= n { 0 } else { t + 1 };
+    unsafe { *turn = next };
+    match t {
+        1 => settings.snat_addrs[0],
+        2 if n >= 2 => settings.snat_addrs[1],
+        3 if n >= 3 => settings.snat_addrs[2],
+        4 if n >= 4 => settings.snat_addrs[3],
+        _ => settings.node_addr,
+    }
 }
 
 /// The partner entry's key: the rewritten tuple seen from the other side.
@@ -318,15 +352,16 @@ fn new_connection(
         _pad: 0,
         last_seen_ns: now,
     };
-    let template = backend_key(backend.addr, backend.port, settings.node_addr);
-    let cursor = cursor_index(backend.addr, backend.port);
+    let snat_addr = next_snat_addr(settings);
+    let template = backend_key(backend.addr, backend.port, snat_addr);
+    let cursor = cursor_index(backend.addr, backend.port, snat_addr);
     let Some((rkey, snat_port)) = claim_snat_port(settings, &template, &reverse, cursor, now)
     else {
         count(counter::DROP_SNAT_EXHAUSTED);
         return xdp_action::XDP_DROP;
     };
     let forward = FlowEntry {
-        nat_saddr: settings.node_addr,
+        nat_saddr: snat_addr,
         nat_daddr: backend.addr,
         nat_sport: snat_port,
         nat_dport: backend.port,
@@ -386,14 +421,16 @@ fn backend_key(addr: u32, port: u16, node_addr: u32) -> FlowKey {
     }
 }
 
-/// The `SNAT_CURSOR` slot of a backend. The port space is per backend
-/// (address and port), whichever services share it, so the cursor is keyed
-/// by the backend too: a hash of it, since the array cannot be keyed by
-/// address. Two backends sharing a slot stay correct (the insert is the
-/// check); they only walk one cursor between them.
+/// The `SNAT_CURSOR` slot of a backend and SNAT address. The port space is
+/// per (SNAT address, backend address and port), whichever services share
+/// the backend, so the cursor is keyed by them: a hash, since the array
+/// cannot be keyed by address. Two keys sharing a slot stay correct (the
+/// insert is the check); they only walk one cursor between them.
 #[inline(always)]
-fn cursor_index(addr: u32, port: u16) -> u32 {
-    let h = addr.wrapping_mul(0x9e37_79b1) ^ (port as u32).wrapping_mul(0x85eb_ca6b);
+fn cursor_index(addr: u32, port: u16, snat_addr: u32) -> u32 {
+    let h = addr.wrapping_mul(0x9e37_79b1)
+        ^ (port as u32).wrapping_mul(0x85eb_ca6b)
+        ^ snat_addr.wrapping_mul(0xc2b2_ae35);
     (h >> 16) & (SNAT_CURSORS - 1)
 }
 

@@ -36,7 +36,7 @@ pub static BACKEND_STATS: PerCpuArray<TrafficStats, { MAX_SERVICES as usize * MA
     PerCpuArray::new();
 
 #[btf_map]
-pub static SNAT_CURSOR: PerCpuArray<u32, { SNAT_CURSORS as usize }> = PerCpuArray::new();
+pub static SNAT_CURSOR: PerCpuArray<u32, { SNAT_CURSORS as usize + 1 }> = PerCpuArray::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { counter::SLOTS as usize }> = PerCpuArray::new();

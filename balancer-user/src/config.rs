@@ -35,7 +35,7 @@ use std::{
     time::Duration,
 };
 
-use balancer_common::{DEFAULT_CONNTRACK_FLOWS, MAX_BACKENDS, MAX_SERVICES};
+use balancer_common::{DEFAULT_CONNTRACK_FLOWS, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS};
 use serde::Deserialize;
 
 use crate::{
@@ -132,6 +132,11 @@ pub struct DataplaneSection {
     /// packets, seconds. Default 10.
     #[serde(default = "default_closing_timeout_secs")]
     pub closing_timeout_secs: u64,
+    /// SNAT source addresses besides `node.address`, each configured on
+    /// the interface: every one adds a full SNAT range per backend. New
+    /// flows take the addresses in turn. Default none; at most 4.
+    #[serde(default)]
+    pub snat_addresses: Vec<String>,
     /// Directory on a bpffs where maps and the XDP link are pinned, under
     /// `v<LAYOUT_VERSION>/`. Default `"/sys/fs/bpf/balancer"`.
     #[serde(default = "default_pin_dir")]
@@ -148,6 +153,7 @@ impl Default for DataplaneSection {
             conntrack_flows: DEFAULT_CONNTRACK_FLOWS,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             closing_timeout_secs: DEFAULT_CLOSING_TIMEOUT_SECS,
+            snat_addresses: Vec::new(),
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
         }
     }
@@ -332,6 +338,9 @@ pub struct Dataplane {
     pub conntrack_flows: u32,
     pub idle_timeout: Duration,
     pub closing_timeout: Duration,
+    /// SNAT source addresses besides the node's; the agent checks each is
+    /// on the interface before it changes anything.
+    pub snat_addresses: Vec<Ipv4Addr>,
     /// Absolute; the agent pins under `pin_dir/v<LAYOUT_VERSION>/`.
     pub pin_dir: PathBuf,
 }
@@ -763,6 +772,24 @@ impl ConfigFile {
             }
         }
         let vips: HashSet<Ipv4Addr> = services.iter().map(|s| s.vip).collect();
+        for (i, a) in dataplane.snat_addresses.iter().enumerate() {
+            let field = format!("dataplane.snat_addresses[{i}]");
+            if *a == node.address {
+                return Err(field_error(
+                    field,
+                    format!("{a} is node.address, a SNAT address already: remove it"),
+                ));
+            }
+            if vips.contains(a) {
+                return Err(field_error(field, format!("{a} is a service VIP")));
+            }
+            if services
+                .iter()
+                .any(|s| s.backends.iter().any(|b| b.ip() == a))
+            {
+                return Err(field_error(field, format!("{a} is a backend's address")));
+            }
+        }
         if vips.contains(&node.address) {
             return Err(field_error(
                 "node.address",
@@ -934,6 +961,28 @@ impl DataplaneSection {
         Ok(SnatPortRange { min, max })
     }
 
+    fn snat_address_list(&self) -> Result<Vec<Ipv4Addr>, FieldError> {
+        if self.snat_addresses.len() > MAX_SNAT_ADDRS {
+            return Err(field_error(
+                "dataplane.snat_addresses",
+                format!(
+                    "{} addresses, at most {MAX_SNAT_ADDRS} are supported",
+                    self.snat_addresses.len()
+                ),
+            ));
+        }
+        let mut out = Vec::new();
+        for (i, text) in self.snat_addresses.iter().enumerate() {
+            let field = format!("dataplane.snat_addresses[{i}]");
+            let addr = parse_unicast(text, &field)?;
+            if out.contains(&addr) {
+                return Err(field_error(field, format!("{addr} is listed twice")));
+            }
+            out.push(addr);
+        }
+        Ok(out)
+    }
+
     fn validate(&self, local: SnatPortRange) -> Result<Dataplane, FieldError> {
         let snat_ports = self.snat_ports(local)?;
         if self.conntrack_flows == 0 || self.conntrack_flows > MAX_CONNTRACK_FLOWS {
@@ -966,6 +1015,7 @@ impl DataplaneSection {
             conntrack_flows: self.conntrack_flows,
             idle_timeout,
             closing_timeout,
+            snat_addresses: self.snat_address_list()?,
             pin_dir: self.pin_dir.clone(),
         })
     }
@@ -1577,6 +1627,62 @@ backends = ["198.18.0.2:6380"]
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(field), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn snat_addresses_are_checked() {
+        let c = parse(
+            &with(
+                "dataplane",
+                r#"snat_addresses = ["198.18.0.11", "198.18.0.12"]"#,
+            ),
+            "balancer.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.dataplane.snat_addresses,
+            vec![Ipv4Addr::new(198, 18, 0, 11), Ipv4Addr::new(198, 18, 0, 12)]
+        );
+        assert!(parse(MINIMAL, "b.toml")
+            .unwrap()
+            .dataplane
+            .snat_addresses
+            .is_empty());
+        for (list, want) in [
+            (
+                r#"["198.18.0.11", "198.18.0.11"]"#,
+                "dataplane.snat_addresses[1]: 198.18.0.11 is listed twice",
+            ),
+            (
+                r#"["198.18.0.1"]"#,
+                "dataplane.snat_addresses[0]: 198.18.0.1 is node.address",
+            ),
+            (
+                r#"["198.18.0.100"]"#,
+                "dataplane.snat_addresses[0]: 198.18.0.100 is a service VIP",
+            ),
+            (
+                r#"["198.18.0.2"]"#,
+                "dataplane.snat_addresses[0]: 198.18.0.2 is a backend's address",
+            ),
+            (r#"["224.0.0.1"]"#, "dataplane.snat_addresses[0]"),
+            (
+                r#"["x"]"#,
+                "dataplane.snat_addresses[0]: \"x\" is not an IPv4 address",
+            ),
+            (
+                r#"["198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.14", "198.18.0.15"]"#,
+                "dataplane.snat_addresses: 5 addresses, at most 4",
+            ),
+        ] {
+            let err = parse(
+                &with("dataplane", &format!("snat_addresses = {list}")),
+                "b.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(want), "{list}: {err}");
         }
     }
 

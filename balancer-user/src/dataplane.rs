@@ -24,7 +24,7 @@ use aya::{
 use balancer_common::{
     conntrack_entries, names, Backend, FlowEntry, FlowKey, HoldTimes, Service, ServiceKey,
     Settings, BACKEND_LOCAL, CLOSE_GRACE_NS, EMBRYONIC_NS, IPPROTO_TCP, MAX_BACKENDS,
-    SERVICE_ACTIVE, SERVICE_SCHEDULER_FIRST, TIME_WAIT_NS,
+    MAX_SNAT_ADDRS, SERVICE_ACTIVE, SERVICE_SCHEDULER_FIRST, TIME_WAIT_NS,
 };
 use tracing::{debug, info, warn};
 
@@ -125,13 +125,19 @@ pub fn port_be(port: u16) -> u16 {
 /// The `SETTINGS` value for this node, whose SNAT range is split into
 /// `partitions` parts, one per possible CPU.
 pub fn settings_value(node_addr: Ipv4Addr, dataplane: &Dataplane, partitions: u32) -> Settings {
+    let mut snat_addrs = [0; MAX_SNAT_ADDRS];
+    let extra = &dataplane.snat_addresses[..dataplane.snat_addresses.len().min(MAX_SNAT_ADDRS)];
+    for (slot, addr) in snat_addrs.iter_mut().zip(extra) {
+        *slot = addr_be(*addr);
+    }
     Settings {
         node_addr: addr_be(node_addr),
         snat_port_min: dataplane.snat_ports.min,
         snat_port_max: dataplane.snat_ports.max,
         snat_partitions: partitions.max(1),
-        _pad: 0,
+        snat_addr_count: extra.len() as u32,
         holds: hold_times(dataplane),
+        snat_addrs,
     }
 }
 
@@ -605,9 +611,13 @@ mod tests {
             conntrack_flows: 10,
             idle_timeout: Duration::from_secs(300),
             closing_timeout: Duration::from_secs(10),
+            snat_addresses: vec![Ipv4Addr::new(198, 18, 0, 11)],
             pin_dir: PathBuf::from("/sys/fs/bpf/balancer"),
         };
         let s = settings_value(Ipv4Addr::new(198, 18, 0, 1), &dp, 4);
+        assert_eq!(s.snat_addr_count, 1);
+        assert_eq!(s.snat_addrs[0].to_ne_bytes(), [198, 18, 0, 11]);
+        assert_eq!(s.snat_addrs[1], 0);
         assert_eq!(s.node_addr.to_ne_bytes(), [198, 18, 0, 1]);
         assert_eq!(s.snat_port_min, 61000);
         assert_eq!(s.snat_port_max, 65535);

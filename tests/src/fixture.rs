@@ -278,7 +278,8 @@ pub fn default_settings() -> Settings {
         snat_port_min: SNAT_MIN,
         snat_port_max: SNAT_MAX,
         snat_partitions: balancer_user::dataplane::snat_partitions(),
-        _pad: 0,
+        snat_addr_count: 0,
+        snat_addrs: [0; balancer_common::MAX_SNAT_ADDRS],
         holds: HoldTimes {
             idle_ns: HOUR,
             closing_ns: 60_000_000_000,

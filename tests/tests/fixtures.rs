@@ -1439,3 +1439,58 @@ fn the_nodes_own_connection_to_a_backend_coexists_with_snat_flows() -> Result<()
         Ok(())
     })
 }
+
+/// With an extra SNAT address, new flows take the node's address and it in
+/// turn, each with the whole port range per backend: one port of this
+/// CPU's partition serves two flows to the same backend at once, and the
+/// replies to either address are translated back.
+#[test]
+fn a_second_snat_address_doubles_the_ports_per_backend() -> Result<()> {
+    const EXTRA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+    with_dataplane(|dp| {
+        dp.set_vip_service(&active_service(0, &[backend(0)]))?;
+        let mine = partition_of_size(dp, 1)?;
+        let mut s = dp.settings()?;
+        s.snat_addrs[0] = balancer_tests::fixture::net_addr(EXTRA);
+        s.snat_addr_count = 1;
+        dp.set_settings(s)?;
+        let first = dp.open_flow(&syn(44001))?;
+        let second = dp.open_flow(&syn(44002))?;
+        ensure!(
+            first.snat == mine[0] && second.snat == mine[0],
+            "{first:?} {second:?}"
+        );
+        let src = |f: &NatFlow| -> Result<Ipv4Addr> {
+            Ok(FrameView::parse(&f.output.frame)?.ipv4.context("IPv4")?.src)
+        };
+        ensure!(src(&first)? == NODE, "first from {}", src(&first)?);
+        ensure!(src(&second)? == EXTRA, "second from {}", src(&second)?);
+        dp.check(
+            &Case::new(
+                "third SYN: the node's address has no port left",
+                &syn(44003),
+                Verdict::Drop,
+                Expected::Unchanged,
+            )
+            .counting(counter::DROP_SNAT_EXHAUSTED),
+        )?;
+        // The reply to the extra address goes back to the second client.
+        let reply = Frame::tcp(
+            mac_of(backend(0)),
+            FX0_MAC,
+            second.backend,
+            (EXTRA, second.snat),
+            TcpFlags::SYN_ACK,
+        );
+        dp.check(
+            &Case::rewritten(
+                "reply to the extra SNAT address",
+                &reply,
+                Verdict::Tx,
+                &reply.translated(FX0_MAC, CLIENT_MAC, VIP_SOCK, second.client),
+            )
+            .counting(counter::REVERSED),
+        )?;
+        Ok(())
+    })
+}

@@ -241,7 +241,11 @@ pub struct DataplaneInfo {
 pub struct SnatInfo {
     pub port_min: u16,
     pub port_max: u16,
-    /// Ports in the range: what each backend can hold at once.
+    /// SNAT source addresses: the node's and `snat_addresses`.
+    #[serde(default)]
+    pub addresses: u32,
+    /// Ports in the range times addresses: what each backend can hold at
+    /// once.
     pub ports: u32,
     pub backends: Vec<SnatBackend>,
 }
@@ -261,6 +265,8 @@ pub struct SnatBackend {
 pub struct SnatInputs {
     pub port_min: u16,
     pub port_max: u16,
+    /// SNAT source addresses (at least the node's).
+    pub addresses: u32,
     /// Every remote backend, listed even with no port in use.
     pub remote_backends: Vec<SocketAddrV4>,
     /// Ports held per backend at the last sweep.
@@ -269,8 +275,9 @@ pub struct SnatInputs {
 
 impl SnatInputs {
     fn info(&self) -> SnatInfo {
+        let addresses = self.addresses.max(1);
         let ports = if self.port_max >= self.port_min {
-            u32::from(self.port_max) - u32::from(self.port_min) + 1
+            (u32::from(self.port_max) - u32::from(self.port_min) + 1) * addresses
         } else {
             0
         };
@@ -282,6 +289,7 @@ impl SnatInputs {
         SnatInfo {
             port_min: self.port_min,
             port_max: self.port_max,
+            addresses,
             ports,
             backends: all
                 .into_iter()
@@ -673,8 +681,8 @@ pub fn render_text(status: &Status, now: f64) -> String {
         .unwrap_or(0);
     let _ = writeln!(
         out,
-        "           SNAT ports {}-{} ({} per backend); SYNs dropped for want of a port: {exhausted}",
-        snat.port_min, snat.port_max, snat.ports
+        "           SNAT ports {}-{} on {} address(es) ({} per backend); SYNs dropped for want of a port: {exhausted}",
+        snat.port_min, snat.port_max, snat.addresses, snat.ports
     );
     for b in &snat.backends {
         let _ = writeln!(
@@ -897,6 +905,7 @@ pub(crate) mod tests {
             snat: SnatInputs {
                 port_min: 1024,
                 port_max: 32767,
+                addresses: 1,
                 remote_backends: vec![addr(N2), "198.18.0.3:6380".parse().unwrap()],
                 in_use: BTreeMap::from([(addr(N2), 12)]),
             },
@@ -954,7 +963,7 @@ pub(crate) mod tests {
         );
         let text = render_text(&s, unix_seconds(at(60)));
         assert!(
-            text.contains("SNAT ports 1024-32767 (31744 per backend)")
+            text.contains("SNAT ports 1024-32767 on 1 address(es) (31744 per backend)")
                 && text.contains(&format!("{N2:<21} in use     12, free  31732")),
             "{text}"
         );
