@@ -603,9 +603,15 @@ pub fn summary(c: &Config) -> String {
     let d = &c.dataplane;
     let _ = writeln!(
         s,
-        "data plane: XDP {} mode, SNAT ports {}, {} flows, idle timeout {} s, closing {} s, pins in {}",
+        "data plane: XDP {} mode, SNAT ports {}{}, {} flows, idle timeout {} s, closing {} s, pins in {}",
         d.xdp_mode,
         d.snat_ports,
+        if d.snat_addresses.is_empty() {
+            String::new()
+        } else {
+            let extra: Vec<String> = d.snat_addresses.iter().map(|a| a.to_string()).collect();
+            format!(" (also from {})", extra.join(", "))
+        },
         d.conntrack_flows,
         d.idle_timeout.as_secs(),
         d.closing_timeout.as_secs(),
@@ -1643,6 +1649,11 @@ backends = ["198.18.0.2:6380"]
         assert_eq!(
             c.dataplane.snat_addresses,
             vec![Ipv4Addr::new(198, 18, 0, 11), Ipv4Addr::new(198, 18, 0, 12)]
+        );
+        let text = summary(&c);
+        assert!(
+            text.contains("SNAT ports 1024-32767 (also from 198.18.0.11, 198.18.0.12),"),
+            "{text}"
         );
         assert!(parse(MINIMAL, "b.toml")
             .unwrap()
