@@ -6,7 +6,9 @@
 //! half rewritten.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_EXIST, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
+    },
     helpers::generated::{
         bpf_fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_redirect,
     },
@@ -459,7 +461,7 @@ fn reclaimable(rkey: &FlowKey, now: u64, settings: &Settings) -> bool {
 /// backend, and claims it by inserting the reverse entry with
 /// `BPF_NOEXIST`. The insert is the collision check; the partition makes
 /// taking over an expired entry safe: no other CPU probes (or reclaims) the
-/// port, so the entry deleted here is the expired one just read, never a
+/// port, so the entry replaced here is the expired one just read, never a
 /// fresh claim. The cursor walks the partition in order, so the port a new
 /// flow gets is the one released longest ago (a backend's TIME_WAIT on it
 /// has the longest time to pass). Returns the key and the port (network
@@ -513,13 +515,17 @@ fn claim_snat_port(
                     unsafe { *cur = k };
                     return Some((rkey, port.to_be()));
                 }
-                if reclaimable(&rkey, now, settings) {
-                    let _ = CONNTRACK.remove(&rkey);
-                    if CONNTRACK.insert(&rkey, reverse, BPF_NOEXIST as u64).is_ok() {
-                        count(counter::SNAT_RECLAIMED);
-                        unsafe { *cur = k };
-                        return Some((rkey, port.to_be()));
-                    }
+                // Taken over in one atomic replace: a reader on another CPU
+                // sees the old flow's entry or the new one, never a mix. It
+                // fails only if the entry went meanwhile (LRU eviction, the
+                // agent's purge); then the port is free for a plain claim.
+                if reclaimable(&rkey, now, settings)
+                    && (CONNTRACK.insert(&rkey, reverse, BPF_EXIST as u64).is_ok()
+                        || CONNTRACK.insert(&rkey, reverse, BPF_NOEXIST as u64).is_ok())
+                {
+                    count(counter::SNAT_RECLAIMED);
+                    unsafe { *cur = k };
+                    return Some((rkey, port.to_be()));
                 }
             }
         )*};
