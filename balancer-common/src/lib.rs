@@ -8,18 +8,28 @@
 //! order** (the integer holds the wire bytes as-is); everything else is host
 //! order.
 //!
-//! This crate is not the place for logic: only layout and constants.
+//! This crate is not the place for logic: only layout, constants, and the
+//! one rule both sides must apply identically ([`HoldTimes::hold_ns`]: how
+//! long a flow entry, and with it an SNAT port, is held in each TCP state),
+//! because the agent's sweep and status must agree with the data plane.
 #![no_std]
 
 /// Bumped whenever a map's key or value layout changes. The agent pins maps
 /// under `<pin root>/v<LAYOUT_VERSION>/`, so an agent of another layout never
 /// reuses (and misreads) a map pinned by this one.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Most (VIP, port) services one data plane serves.
 pub const MAX_SERVICES: u32 = 64;
 /// Most backends one service can have.
 pub const MAX_BACKENDS: usize = 16;
+/// Cursor slots of the `SNAT_CURSOR` array (a power of two).
+pub const SNAT_CURSORS: u32 = 1024;
+/// The `SNAT_CURSOR` slot after the cursors: per CPU, the turn of the
+/// round robin over SNAT addresses.
+pub const SNAT_ADDR_TURN: u32 = SNAT_CURSORS;
+/// Most SNAT addresses besides the node's own (`snat_addresses`).
+pub const MAX_SNAT_ADDRS: usize = 4;
 /// Default number of flows the conntrack table holds (each remote flow takes
 /// two entries, forward and reverse; see [`conntrack_entries`]).
 pub const DEFAULT_CONNTRACK_FLOWS: u32 = 262_144;
@@ -50,6 +60,10 @@ pub mod names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// `PerCpuArray<u64, counter::SLOTS>`: verdicts by reason.
     pub const COUNTERS: &str = "COUNTERS";
+    /// `PerCpuArray<u32, SNAT_CURSORS + 1>`: per CPU and backend and SNAT
+    /// address (by a hash of them), the index in this CPU's SNAT partition
+    /// where the next probe starts; then [`crate::SNAT_ADDR_TURN`].
+    pub const SNAT_CURSOR: &str = "SNAT_CURSOR";
     /// The data-plane program attached to the node's interface.
     pub const PROG_BALANCER: &str = "balancer";
     /// A program that only returns `XDP_PASS`: attached to the bridge-side
@@ -142,6 +156,73 @@ impl Service {
     }
 }
 
+/// How long a flow entry is held after its last packet, by TCP state; all
+/// nanoseconds. An SNAT port is free again once its reverse entry is absent
+/// or held no longer (see [`HoldTimes::hold_ns`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HoldTimes {
+    /// Established (the backend answered), no FIN or one FIN: forgotten
+    /// after this long without packets.
+    pub idle_ns: u64,
+    /// Client closed first, the backend's FIN seen, the client's final ACK
+    /// not yet seen.
+    pub closing_ns: u64,
+    /// Client closed first and acknowledged the backend's FIN: the backend
+    /// keeps no TIME_WAIT; this only covers a lost final ACK.
+    pub close_grace_ns: u64,
+    /// Backend closed first: its socket sits in TIME_WAIT on the
+    /// (backend, node:port) tuple for this long after the client's FIN.
+    pub time_wait_ns: u64,
+    /// The backend never answered the SYN: a SYN flood or a dead backend
+    /// must not pin the range.
+    pub embryonic_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<HoldTimes>() == 40);
+
+/// Default [`HoldTimes::close_grace_ns`]: a couple of seconds covers a lost
+/// final ACK and the backend's retransmitted FIN.
+pub const CLOSE_GRACE_NS: u64 = 2_000_000_000;
+/// Default [`HoldTimes::time_wait_ns`]: Linux's TIME_WAIT (`TCP_TIMEWAIT_LEN`).
+pub const TIME_WAIT_NS: u64 = 60_000_000_000;
+/// Default [`HoldTimes::embryonic_ns`]: longer than the client's first two
+/// SYN retransmissions (1 s and 3 s after the first), which follow the flow.
+pub const EMBRYONIC_NS: u64 = 5_000_000_000;
+
+impl HoldTimes {
+    /// How long an entry with `FLOW_*` `flags` is held after its
+    /// `last_seen_ns`. Every state change stamps `last_seen_ns`, so the hold
+    /// runs from the packet that decided it.
+    #[inline(always)]
+    pub const fn hold_ns(&self, flags: u32) -> u64 {
+        if flags & FLOW_RESET != 0 {
+            0
+        } else if flags & FLOW_BOTH_FIN == FLOW_BOTH_FIN {
+            if flags & FLOW_BACKEND_FIRST != 0 {
+                self.time_wait_ns
+            } else if flags & FLOW_LAST_ACK != 0 {
+                self.close_grace_ns
+            } else {
+                self.closing_ns
+            }
+        } else if flags & FLOW_REPLIED == 0 {
+            self.embryonic_ns
+        } else {
+            self.idle_ns
+        }
+    }
+
+    /// Whether an entry with `flags`, last seen at `last_seen_ns`, is past
+    /// its hold at `now_ns`. `>=`: with the coarse clock two packets often
+    /// share a timestamp, and a hold of zero must mean "free now". A
+    /// timestamp after `now_ns` (refreshed after the clock was read) is not
+    /// expired.
+    #[inline(always)]
+    pub const fn expired(&self, flags: u32, last_seen_ns: u64, now_ns: u64) -> bool {
+        now_ns >= last_seen_ns && now_ns - last_seen_ns >= self.hold_ns(flags)
+    }
+}
+
 /// Value of the single `SETTINGS` entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -153,13 +234,20 @@ pub struct Settings {
     pub snat_port_min: u16,
     /// Last port of the SNAT range (inclusive), host order.
     pub snat_port_max: u16,
-    /// A flow idle for longer than this is forgotten, nanoseconds.
-    pub idle_timeout_ns: u64,
-    /// A flow whose both sides sent FIN is forgotten after this long
-    /// without packets, nanoseconds.
-    pub closing_timeout_ns: u64,
+    /// Number of SNAT partitions, one per possible CPU: CPU `c` only ever
+    /// allocates (and reclaims) ports `p` with `(p - snat_port_min) %
+    /// snat_partitions == c`. 0 is read as 1.
+    pub snat_partitions: u32,
+    /// Number of valid entries in `snat_addrs`.
+    pub snat_addr_count: u32,
+    /// Hold times by state.
+    pub holds: HoldTimes,
+    /// SNAT source addresses besides `node_addr`, network byte order: each
+    /// new flow takes the next of `node_addr` and these in turn (per CPU),
+    /// so every address adds a full port range per backend.
+    pub snat_addrs: [u32; MAX_SNAT_ADDRS],
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 24);
+const _: () = assert!(core::mem::size_of::<Settings>() == 72);
 
 /// Key of the `CONNTRACK` map: a packet's 5-tuple as it arrives.
 ///
@@ -186,11 +274,21 @@ pub const DIR_TO_BACKEND: u8 = 0;
 /// [`FlowEntry::direction`]: backend to client.
 pub const DIR_TO_CLIENT: u8 = 1;
 
-/// [`FlowEntry::flags`]: a FIN was forwarded in this entry's direction.
-pub const FLOW_FIN_SEEN: u32 = 1;
-/// [`FlowEntry::flags`]: both directions sent FIN; the flow expires after
-/// `Settings::closing_timeout_ns` instead of the idle timeout.
-pub const FLOW_CLOSING: u32 = 2;
+/// [`FlowEntry::flags`], kept the same in both entries of a flow: the
+/// client sent FIN.
+pub const FLOW_CLIENT_FIN: u32 = 1;
+/// The backend sent FIN.
+pub const FLOW_BACKEND_FIN: u32 = 2;
+/// Both sides sent FIN.
+pub const FLOW_BOTH_FIN: u32 = FLOW_CLIENT_FIN | FLOW_BACKEND_FIN;
+/// The backend's FIN came before the client's: the backend holds TIME_WAIT.
+pub const FLOW_BACKEND_FIRST: u32 = 4;
+/// Client closed first, and a client ACK followed the backend's FIN.
+pub const FLOW_LAST_ACK: u32 = 8;
+/// A packet came back from the backend (the SYN was answered).
+pub const FLOW_REPLIED: u32 = 16;
+/// An RST was seen in either direction: the port is free at once.
+pub const FLOW_RESET: u32 = 32;
 
 /// Value of the `CONNTRACK` map: how to rewrite a packet of this direction.
 ///
@@ -223,7 +321,8 @@ pub struct FlowEntry {
     pub flags: u32,
     pub _pad: u32,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the
-    /// last packet, refreshed at most once a second.
+    /// last packet, refreshed at most once a second, and on every change of
+    /// `flags`.
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 48);
@@ -283,8 +382,10 @@ pub mod counter {
     pub const FLOWS_RESET: u32 = 16;
     /// Flows found expired (idle or closing timeout) on lookup.
     pub const FLOWS_EXPIRED: u32 = 17;
+    /// SNAT ports taken over from an expired flow by the CPU owning them.
+    pub const SNAT_RECLAIMED: u32 = 18;
     /// Number of slots in use.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     /// Size of the array (room to add reasons without a layout bump).
     pub const SLOTS: u32 = 32;
 
@@ -308,6 +409,7 @@ pub mod counter {
         "flows_created",
         "flows_reset",
         "flows_expired",
+        "snat_reclaimed",
     ];
 }
 
@@ -318,6 +420,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for HoldTimes {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for TrafficStats {}

@@ -6,27 +6,30 @@
 //! half rewritten.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_EXIST, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
+    },
     helpers::generated::{
-        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect,
+        bpf_fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_redirect,
     },
     programs::XdpContext,
     EbpfContext,
 };
 use balancer_common::{
-    counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, BACKEND_LOCAL, DIR_TO_BACKEND,
-    DIR_TO_CLIENT, FLOW_CLOSING, FLOW_FIN_SEEN, IPPROTO_TCP, MAX_BACKENDS, SERVICE_ACTIVE,
-    SERVICE_SCHEDULER_FIRST,
+    counter, FlowEntry, FlowKey, Service, ServiceKey, Settings,
+    BACKEND_LOCAL, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_BACKEND_FIN, FLOW_BACKEND_FIRST,
+    FLOW_BOTH_FIN, FLOW_CLIENT_FIN, FLOW_LAST_ACK, FLOW_REPLIED, FLOW_RESET, IPPROTO_TCP,
+    MAX_BACKENDS, SERVICE_ACTIVE, SERVICE_SCHEDULER_FIRST, SNAT_ADDR_TURN, SNAT_CURSORS,
 };
 
 use crate::{
     csum::Delta,
-    maps::{account, count, CONNTRACK, RR_CURSOR, SERVICES, SETTINGS},
+    maps::{account, count, CONNTRACK, RR_CURSOR, SERVICES, SETTINGS, SNAT_CURSOR},
     parse::{parse, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// How many consecutive SNAT ports a new flow tries before giving up. A
-/// range of at most this many ports is searched exhaustively.
+/// How many ports of its partition a new flow tries before giving up. A
+/// partition of at most this many ports is searched exhaustively.
 const SNAT_PROBES: u32 = 16; // keep in step with the `probe!` list below
 /// `last_seen_ns` is refreshed at most this often, to keep established
 /// packets from writing to the shared entry every time.
@@ -81,13 +84,13 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     // then needs one hash lookup (its flow), not two. No service can match
     // such a packet: the agent refuses a VIP equal to the node's address.
     let port = u16::from_be(dport);
-    if daddr == settings.node_addr
-        && port >= settings.snat_port_min
+    if port >= settings.snat_port_min
         && port <= settings.snat_port_max
+        && is_snat_addr(settings, daddr)
     {
         return established(ctx, &pkt, &key, flags, settings, counter::REVERSED);
     }
-    if let Some(svc) = unsafe { SERVICES.get(&skey) } {
+    if let Some(svc) = unsafe { SERVICES.get(skey) } {
         if svc.flags & SERVICE_ACTIVE == 0 {
             count(counter::PASS_INACTIVE);
             return xdp_action::XDP_PASS;
@@ -99,6 +102,40 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     }
     count(counter::PASS_NOT_SERVICE);
     xdp_action::XDP_PASS
+}
+
+/// Whether `addr` is one of this node's SNAT source addresses.
+#[inline(always)]
+fn is_snat_addr(settings: &Settings, addr: u32) -> bool {
+    if addr == settings.node_addr {
+        return true;
+    }
+    let n = settings.snat_addr_count as usize;
+    let a = &settings.snat_addrs;
+    (n > 0 && addr == a[0]) || (n > 1 && addr == a[1]) || (n > 2 && addr == a[2]) || (n > 3 && addr == a[3])
+}
+
+/// The SNAT source address of the next new flow on this CPU: `node_addr`
+/// and the extra addresses in turn.
+#[inline(always)]
+fn next_snat_addr(settings: &Settings) -> u32 {
+    let n = settings.snat_addr_count;
+    if n == 0 {
+        return settings.node_addr;
+    }
+    let Some(turn) = SNAT_CURSOR.get_ptr_mut(SNAT_ADDR_TURN) else {
+        return settings.node_addr;
+    };
+    let t = unsafe { *turn };
+    let next = if t >= n { 0 } else { t + 1 };
+    unsafe { *turn = next };
+    match t {
+        1 => settings.snat_addrs[0],
+        2 if n >= 2 => settings.snat_addrs[1],
+        3 if n >= 3 => settings.snat_addrs[2],
+        4 if n >= 4 => settings.snat_addrs[3],
+        _ => settings.node_addr,
+    }
 }
 
 /// The partner entry's key: the rewritten tuple seen from the other side.
@@ -116,21 +153,25 @@ fn partner_key(e: &FlowEntry) -> FlowKey {
 
 #[inline(always)]
 fn expired(e: &FlowEntry, now: u64, settings: &Settings) -> bool {
-    let timeout = if e.flags & FLOW_CLOSING != 0 {
-        settings.closing_timeout_ns
-    } else {
-        settings.idle_timeout_ns
-    };
-    // `>=`: with the coarse clock two packets often share a timestamp, and
-    // a zero timeout must still mean "expired".
-    now.wrapping_sub(e.last_seen_ns) >= timeout
+    settings.holds.expired(e.flags, e.last_seen_ns, now)
 }
 
-/// Forgets a flow: both of its entries.
+/// The partner of the entry `e` found under `key`, if it still points back
+/// at `key`: a client reusing its port, or an SNAT port handed to a new
+/// flow, leaves an old entry whose partner key now belongs to someone else.
 #[inline(always)]
-fn forget(key: &FlowKey, e: &FlowEntry) {
-    let _ = CONNTRACK.remove(partner_key(e));
-    let _ = CONNTRACK.remove(key);
+fn partner_of(key: &FlowKey, e: &FlowEntry) -> Option<*mut FlowEntry> {
+    let pp = CONNTRACK.get_ptr_mut(partner_key(e))?;
+    let p = unsafe { &*pp };
+    if p.nat_daddr == key.saddr
+        && p.nat_saddr == key.daddr
+        && p.nat_dport == key.sport
+        && p.nat_sport == key.dport
+    {
+        Some(pp)
+    } else {
+        None
+    }
 }
 
 /// A packet of a known flow, in either direction.
@@ -149,25 +190,52 @@ fn established(
     };
     let now = now_ns();
     let e = unsafe { *ep };
+    let to_client = e.direction == DIR_TO_CLIENT;
     if expired(&e, now, settings) {
-        forget(key, &e);
-        count(counter::FLOWS_EXPIRED);
+        // A forward entry is keyed by the client's tuple and nothing else
+        // claims it: it can go. A reverse entry is the claim on its SNAT
+        // port and only the CPU owning the port may delete it (see
+        // `claim_snat_port`); an expired one is free already.
+        if !to_client {
+            let _ = CONNTRACK.remove(key);
+        }
+        if e.flags & FLOW_RESET == 0 {
+            count(counter::FLOWS_EXPIRED);
+        }
         count(counter::PASS_NO_FLOW);
         return xdp_action::XDP_PASS;
     }
     if flags & TCP_RST != 0 {
-        forget(key, &e);
+        // Forward entry deleted, reverse entry marked: the port is free at
+        // once, reclaimed by its owning CPU.
+        let partner = partner_of(key, &e);
+        if to_client {
+            if partner.is_some() {
+                let _ = CONNTRACK.remove(partner_key(&e));
+            }
+            unsafe {
+                (*ep).flags = e.flags | FLOW_RESET;
+                (*ep).last_seen_ns = now;
+            }
+        } else {
+            if let Some(pp) = partner {
+                unsafe {
+                    (*pp).flags |= FLOW_RESET;
+                    (*pp).last_seen_ns = now;
+                }
+            }
+            let _ = CONNTRACK.remove(key);
+        }
         count(counter::FLOWS_RESET);
     } else {
-        if flags & TCP_FIN != 0 {
-            let mut f = e.flags | FLOW_FIN_SEEN;
-            if let Some(pp) = CONNTRACK.get_ptr_mut(partner_key(&e)) {
+        let f = next_flags(e.flags, flags, to_client);
+        if f != e.flags {
+            // A state change: both entries get it, stamped now, so that the
+            // hold it implies runs from this packet.
+            if let Some(pp) = partner_of(key, &e) {
                 unsafe {
-                    if (*pp).flags & FLOW_FIN_SEEN != 0 {
-                        (*pp).flags |= FLOW_CLOSING;
-                        (*pp).last_seen_ns = now;
-                        f |= FLOW_CLOSING;
-                    }
+                    (*pp).flags = f;
+                    (*pp).last_seen_ns = now;
                 }
             }
             unsafe {
@@ -183,11 +251,36 @@ fn established(
         e.backend_slot as u32,
         pkt.len,
         false,
-        e.direction == DIR_TO_CLIENT,
+        to_client,
     );
     count(what);
     rewrite(pkt, &e);
     transmit(ctx, pkt, e.ifindex)
+}
+
+/// The `FLOW_*` flags after a non-RST segment with TCP `tcp` flags, sent by
+/// the backend (`from_backend`) or the client.
+#[inline(always)]
+fn next_flags(f: u32, tcp: u8, from_backend: bool) -> u32 {
+    let mut f = f;
+    if from_backend {
+        f |= FLOW_REPLIED;
+        if tcp & TCP_FIN != 0 && f & FLOW_BACKEND_FIN == 0 {
+            f |= FLOW_BACKEND_FIN;
+            if f & FLOW_CLIENT_FIN == 0 {
+                f |= FLOW_BACKEND_FIRST;
+            }
+        }
+    } else if tcp & TCP_FIN != 0 {
+        f |= FLOW_CLIENT_FIN;
+    } else if tcp & TCP_ACK != 0
+        && f & (FLOW_BOTH_FIN | FLOW_BACKEND_FIRST | FLOW_LAST_ACK) == FLOW_BOTH_FIN
+    {
+        // Client closed first; an ACK after the backend's FIN is the final
+        // one: the backend's socket closes without TIME_WAIT.
+        f |= FLOW_LAST_ACK;
+    }
+    f
 }
 
 /// A SYN to an active service: choose a backend, and for a remote one set
@@ -204,14 +297,17 @@ fn new_connection(
     // A retransmitted SYN follows the flow its first copy created.
     if let Some(ep) = CONNTRACK.get_ptr(key) {
         let e = unsafe { *ep };
-        if !expired(&e, now, settings) && e.flags & FLOW_CLOSING == 0 {
+        if !expired(&e, now, settings) && e.flags & (FLOW_BOTH_FIN | FLOW_RESET) == 0 {
             account(e.service_id as u32, e.backend_slot as u32, pkt.len, false, false);
             count(counter::FORWARDED);
             rewrite(pkt, &e);
             return transmit(ctx, pkt, e.ifindex);
         }
-        // A new connection reusing the tuple of a dead or closing one.
-        forget(key, &e);
+        // A new connection reusing the tuple of a dead or closing one. Only
+        // the forward entry goes: the old reverse entry keeps holding its
+        // SNAT port for as long as its state says (the backend may sit in
+        // TIME_WAIT on it).
+        let _ = CONNTRACK.remove(key);
     }
 
     let n = svc.ready_count;
@@ -258,13 +354,16 @@ fn new_connection(
         _pad: 0,
         last_seen_ns: now,
     };
-    let template = backend_key(backend.addr, backend.port, settings.node_addr);
-    let Some((rkey, snat_port)) = claim_snat_port(settings, &template, &reverse) else {
+    let snat_addr = next_snat_addr(settings);
+    let template = backend_key(backend.addr, backend.port, snat_addr);
+    let cursor = cursor_index(backend.addr, backend.port, snat_addr);
+    let Some((rkey, snat_port)) = claim_snat_port(settings, &template, &reverse, cursor, now)
+    else {
         count(counter::DROP_SNAT_EXHAUSTED);
         return xdp_action::XDP_DROP;
     };
     let forward = FlowEntry {
-        nat_saddr: settings.node_addr,
+        nat_saddr: snat_addr,
         nat_daddr: backend.addr,
         nat_sport: snat_port,
         nat_dport: backend.port,
@@ -278,8 +377,8 @@ fn new_connection(
         _pad: 0,
         last_seen_ns: now,
     };
-    if CONNTRACK.insert(key, &forward, BPF_NOEXIST as u64).is_err() {
-        let _ = CONNTRACK.remove(&rkey);
+    if CONNTRACK.insert(key, forward, BPF_NOEXIST as u64).is_err() {
+        let _ = CONNTRACK.remove(rkey);
         count(counter::DROP_CONNTRACK_INSERT);
         return xdp_action::XDP_DROP;
     }
@@ -324,14 +423,56 @@ fn backend_key(addr: u32, port: u16, node_addr: u32) -> FlowKey {
     }
 }
 
-/// Finds a free SNAT port towards one backend by inserting the reverse entry
-/// with `BPF_NOEXIST`: the insert itself is the collision check, so two CPUs
-/// can never take the same port. Returns the key and the port (network order).
+/// The `SNAT_CURSOR` slot of a backend and SNAT address. The port space is
+/// per (SNAT address, backend address and port), whichever services share
+/// the backend, so the cursor is keyed by them: a hash, since the array
+/// cannot be keyed by address. Two keys sharing a slot stay correct (the
+/// insert is the check); they only walk one cursor between them.
+#[inline(always)]
+fn cursor_index(addr: u32, port: u16, snat_addr: u32) -> u32 {
+    let h = addr.wrapping_mul(0x9e37_79b1)
+        ^ (port as u32).wrapping_mul(0x85eb_ca6b)
+        ^ snat_addr.wrapping_mul(0xc2b2_ae35);
+    (h >> 16) & (SNAT_CURSORS - 1)
+}
+
+/// Whether the SNAT port of reverse key `rkey`, found taken, may be handed
+/// to a new flow: its entry is gone, or past its hold and its forward
+/// partner (if it still points here) past its own hold too, so that a flow
+/// quiet in one direction only is not cut.
+#[inline(always)]
+fn reclaimable(rkey: &FlowKey, now: u64, settings: &Settings) -> bool {
+    let Some(rp) = CONNTRACK.get_ptr(rkey) else {
+        return true;
+    };
+    let r = unsafe { *rp };
+    if !expired(&r, now, settings) {
+        return false;
+    }
+    match partner_of(rkey, &r) {
+        Some(fp) => expired(unsafe { &*fp }, now, settings),
+        None => true,
+    }
+}
+
+/// Finds a free SNAT port towards one backend in this CPU's partition of
+/// the range (ports `p` with `(p - min) % partitions == cpu`, as DPVS's
+/// `sa_pool` splits its ports), starting at this CPU's cursor for the
+/// backend, and claims it by inserting the reverse entry with
+/// `BPF_NOEXIST`. The insert is the collision check; the partition makes
+/// taking over an expired entry safe: no other CPU probes (or reclaims) the
+/// port, so the entry replaced here is the expired one just read, never a
+/// fresh claim. The cursor walks the partition in order, so the port a new
+/// flow gets is the one released longest ago (a backend's TIME_WAIT on it
+/// has the longest time to pass). Returns the key and the port (network
+/// order).
 #[inline(always)]
 fn claim_snat_port(
     settings: &Settings,
     template: &FlowKey,
     reverse: &FlowEntry,
+    cursor: u32,
+    now: u64,
 ) -> Option<(FlowKey, u16)> {
     let min = settings.snat_port_min as u32;
     let max = settings.snat_port_max as u32;
@@ -339,8 +480,24 @@ fn claim_snat_port(
         return None;
     }
     let range = max - min + 1;
-    let probes = if range < SNAT_PROBES { range } else { SNAT_PROBES };
-    let start = unsafe { bpf_get_prandom_u32() } % range;
+    let parts = if settings.snat_partitions == 0 {
+        1
+    } else {
+        settings.snat_partitions
+    };
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if cpu >= parts || cpu >= range {
+        return None;
+    }
+    // Ports of this partition: min + cpu + k * parts for k < size.
+    let size = (range - cpu).div_ceil(parts);
+    let probes = if size < SNAT_PROBES { size } else { SNAT_PROBES };
+    let cur = SNAT_CURSOR.get_ptr_mut(cursor)?;
+    let mut k = unsafe { *cur };
+    if k >= size {
+        k = 0;
+    }
+    let base = min + cpu;
     let mut rkey = *template;
     // Unrolled by hand: as a loop, LLVM rewrites the counter into `start + i`
     // with an equality exit test, and the verifier can no longer prove the
@@ -348,15 +505,33 @@ fn claim_snat_port(
     macro_rules! probe {
         ($($i:literal)*) => {$(
             if $i < probes {
-                let port = (min + (start + $i) % range) as u16;
+                let port = (base + k * parts) as u16;
                 rkey.dport = port.to_be();
+                k += 1;
+                if k >= size {
+                    k = 0;
+                }
                 if CONNTRACK.insert(&rkey, reverse, BPF_NOEXIST as u64).is_ok() {
+                    unsafe { *cur = k };
+                    return Some((rkey, port.to_be()));
+                }
+                // Taken over in one atomic replace: a reader on another CPU
+                // sees the old flow's entry or the new one, never a mix. It
+                // fails only if the entry went meanwhile (LRU eviction, the
+                // agent's purge); then the port is free for a plain claim.
+                if reclaimable(&rkey, now, settings)
+                    && (CONNTRACK.insert(&rkey, reverse, BPF_EXIST as u64).is_ok()
+                        || CONNTRACK.insert(&rkey, reverse, BPF_NOEXIST as u64).is_ok())
+                {
+                    count(counter::SNAT_RECLAIMED);
+                    unsafe { *cur = k };
                     return Some((rkey, port.to_be()));
                 }
             }
         )*};
     }
     probe!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+    unsafe { *cur = k };
     None
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use balancer_common::{
     conntrack_entries, counter, FlowEntry, FlowKey, Service, ServiceKey, Settings, TrafficStats,
-    DEFAULT_CONNTRACK_FLOWS, MAX_BACKENDS, MAX_SERVICES,
+    DEFAULT_CONNTRACK_FLOWS, MAX_BACKENDS, MAX_SERVICES, SNAT_CURSORS,
 };
 
 #[btf_map]
@@ -34,6 +34,9 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats, { MAX_SERVICES as usize }> =
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats, { MAX_SERVICES as usize * MAX_BACKENDS }> =
     PerCpuArray::new();
+
+#[btf_map]
+pub static SNAT_CURSOR: PerCpuArray<u32, { SNAT_CURSORS as usize + 1 }> = PerCpuArray::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { counter::SLOTS as usize }> = PerCpuArray::new();

@@ -42,7 +42,7 @@ use crate::{
         Admin, AdminError, AdminListeners, AgentStatus, ElectionHandles,
     },
     config::Config,
-    conntrack::{self, FlowTimeouts},
+    conntrack,
     dataplane::{
         remote_backends, service_entry, settings_value, DataPlane, DataPlaneError, ServiceTable,
     },
@@ -87,6 +87,29 @@ pub enum AgentError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     XdpMode(#[from] NativeRefused),
+    #[error(
+        "dataplane.snat_addresses[{index}]: {addr} is not configured on {interface}: \
+         add it (ip address add {addr}/32 dev {interface}) or remove it from the list"
+    )]
+    SnatAddress {
+        index: usize,
+        addr: Ipv4Addr,
+        interface: String,
+    },
+}
+
+/// The first of `configured` (SNAT addresses) that is not in `present` (the
+/// interface's addresses), with its index. Replies to an address the
+/// interface does not hold would never reach the data plane.
+pub fn missing_snat_address(
+    configured: &[Ipv4Addr],
+    present: &[Ipv4Addr],
+) -> Option<(usize, Ipv4Addr)> {
+    configured
+        .iter()
+        .copied()
+        .enumerate()
+        .find(|(_, a)| !present.contains(a))
 }
 
 /// SIGTERM and SIGINT.
@@ -199,6 +222,16 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
     let interface = config.node.interface.as_str();
     let ifindex = netlink::interface_index(interface)?;
     let netlink = Netlink::connect()?;
+    if !dp.snat_addresses.is_empty() {
+        let present = netlink.ipv4_addresses_on(ifindex).await?;
+        if let Some((index, addr)) = missing_snat_address(&dp.snat_addresses, &present) {
+            return Err(AgentError::SnatAddress {
+                index,
+                addr,
+                interface: interface.to_string(),
+            });
+        }
+    }
     // Before anything changes on the node: refuses to start next to a live
     // agent on the same socket, or with the metrics port taken.
     let admin = AdminListeners::bind(&config.admin).await?;
@@ -210,7 +243,11 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
 
     let mut dataplane = DataPlane::load(dp.conntrack_flows)?;
     let logger = dataplane.take_logger();
-    dataplane.write_settings(&settings_value(config.node.address, dp))?;
+    dataplane.write_settings(&settings_value(
+        config.node.address,
+        dp,
+        crate::dataplane::snat_partitions(),
+    ))?;
 
     let node_addrs: HashSet<Ipv4Addr> = netlink
         .ipv4_addresses()
@@ -262,7 +299,7 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
 
     let services = Arc::new(Mutex::new(dataplane.take_service_table(entries)?));
     let table = dataplane.take_conntrack()?;
-    let timeouts = FlowTimeouts::new(dp.idle_timeout, dp.closing_timeout);
+    let timeouts = crate::dataplane::hold_times(dp);
     let max_entries = balancer_common::conntrack_entries(dp.conntrack_flows) as usize;
 
     // Health: backends leaving a service's READY set have their flows
@@ -304,12 +341,19 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
     {
         warn!(after = ?first_sets, "the first health checks have not finished; starting anyway");
     }
+    let exhaustion_maps = PinnedMaps::open(&dp.pin_dir).map_err(AdminError::from)?;
+    tasks.push(Task(tokio::spawn(conntrack::run_exhaustion_log(
+        exhaustion_maps,
+        dp.snat_ports.len() * (1 + dp.snat_addresses.len() as u32),
+    ))));
     let (conntrack_entries, conntrack_entries_rx) = watch::channel(0);
+    let (snat_in_use, snat_in_use_rx) = watch::channel(Default::default());
     tasks.push(Task(tokio::spawn(conntrack::run_sweeper(
         table,
         timeouts,
         max_entries,
         conntrack_entries,
+        snat_in_use,
     ))));
     if let Some(logger) = logger {
         tasks.push(Task(tokio::spawn(forward_logs(logger))));
@@ -367,6 +411,14 @@ async fn start(config: &Config, started_at: SystemTime) -> Result<Running, Agent
         health: health_report_rx,
         drains,
         conntrack_entries: conntrack_entries_rx,
+        snat: crate::admin::status::SnatInputs {
+            port_min: dp.snat_ports.min,
+            port_max: dp.snat_ports.max,
+            addresses: 1 + dp.snat_addresses.len() as u32,
+            remote_backends: remote.clone(),
+            in_use: Default::default(),
+        },
+        snat_in_use: snat_in_use_rx,
         paths: paths_rx,
         maps,
         netlink: netlink.clone(),
@@ -419,5 +471,33 @@ async fn forward_logs(logger: EbpfLogger<&'static dyn log::Log>) {
         };
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snat_address_missing_from_the_interface_is_named() {
+        let a = |d| Ipv4Addr::new(198, 18, 0, d);
+        assert_eq!(
+            missing_snat_address(&[a(11), a(12)], &[a(1), a(11), a(12)]),
+            None
+        );
+        assert_eq!(
+            missing_snat_address(&[a(11), a(12)], &[a(1), a(11)]),
+            Some((1, a(12)))
+        );
+        let e = AgentError::SnatAddress {
+            index: 1,
+            addr: a(12),
+            interface: "eth0".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "dataplane.snat_addresses[1]: 198.18.0.12 is not configured on eth0: add it \
+             (ip address add 198.18.0.12/32 dev eth0) or remove it from the list"
+        );
     }
 }

@@ -2,7 +2,10 @@
 //! which turns it into a checked [`Config`] or an error naming the field.
 //!
 //! Parsing and validation are pure: nothing here touches the system, so a
-//! bad file is rejected before the agent changes anything on the node.
+//! bad file is rejected before the agent changes anything on the node. The
+//! one fact about the node they need, its `net.ipv4.ip_local_port_range`
+//! (the SNAT range must stay clear of it), is read by [`load`] and passed
+//! in; [`parse`] assumes Linux's default.
 //!
 //! ```toml
 //! [node]
@@ -32,7 +35,7 @@ use std::{
     time::Duration,
 };
 
-use balancer_common::{DEFAULT_CONNTRACK_FLOWS, MAX_BACKENDS, MAX_SERVICES};
+use balancer_common::{DEFAULT_CONNTRACK_FLOWS, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_ADDRS};
 use serde::Deserialize;
 
 use crate::{
@@ -42,10 +45,13 @@ use crate::{
 
 /// Default `[dataplane] pin_dir`.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/balancer";
-/// Default first SNAT port.
-pub const DEFAULT_SNAT_PORT_MIN: u16 = 61000;
-/// Default last SNAT port.
-pub const DEFAULT_SNAT_PORT_MAX: u16 = 65535;
+/// Where the node's own ephemeral port range is read.
+pub const LOCAL_PORT_RANGE_FILE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+/// Linux's default `net.ipv4.ip_local_port_range`.
+pub const LINUX_LOCAL_PORT_RANGE: SnatPortRange = SnatPortRange {
+    min: 32768,
+    max: 60999,
+};
 /// Default idle timeout of a NATed flow, seconds.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
 /// Default timeout of a flow whose both sides sent FIN, seconds.
@@ -107,12 +113,14 @@ pub struct DataplaneSection {
     /// together with `[vrrp]`. Default `false`.
     #[serde(default)]
     pub active: Option<bool>,
-    /// First source port used for NAT towards remote backends. Default 61000.
-    #[serde(default = "default_snat_port_min")]
-    pub snat_port_min: u16,
-    /// Last source port (inclusive) used for NAT. Default 65535.
-    #[serde(default = "default_snat_port_max")]
-    pub snat_port_max: u16,
+    /// First source port used for NAT towards remote backends. Set both or
+    /// neither. Default: the larger side of 1024-65535 outside the node's
+    /// `net.ipv4.ip_local_port_range` (1024-32767 with Linux's default).
+    #[serde(default)]
+    pub snat_port_min: Option<u16>,
+    /// Last source port (inclusive) used for NAT.
+    #[serde(default)]
+    pub snat_port_max: Option<u16>,
     /// Number of NATed flows the conntrack table holds. Default 262144.
     #[serde(default = "default_conntrack_flows")]
     pub conntrack_flows: u32,
@@ -124,6 +132,11 @@ pub struct DataplaneSection {
     /// packets, seconds. Default 10.
     #[serde(default = "default_closing_timeout_secs")]
     pub closing_timeout_secs: u64,
+    /// SNAT source addresses besides `node.address`, each configured on
+    /// the interface: every one adds a full SNAT range per backend. New
+    /// flows take the addresses in turn. Default none; at most 4.
+    #[serde(default)]
+    pub snat_addresses: Vec<String>,
     /// Directory on a bpffs where maps and the XDP link are pinned, under
     /// `v<LAYOUT_VERSION>/`. Default `"/sys/fs/bpf/balancer"`.
     #[serde(default = "default_pin_dir")]
@@ -135,22 +148,17 @@ impl Default for DataplaneSection {
         DataplaneSection {
             xdp_mode: XdpMode::default(),
             active: None,
-            snat_port_min: DEFAULT_SNAT_PORT_MIN,
-            snat_port_max: DEFAULT_SNAT_PORT_MAX,
+            snat_port_min: None,
+            snat_port_max: None,
             conntrack_flows: DEFAULT_CONNTRACK_FLOWS,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             closing_timeout_secs: DEFAULT_CLOSING_TIMEOUT_SECS,
+            snat_addresses: Vec::new(),
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
         }
     }
 }
 
-fn default_snat_port_min() -> u16 {
-    DEFAULT_SNAT_PORT_MIN
-}
-fn default_snat_port_max() -> u16 {
-    DEFAULT_SNAT_PORT_MAX
-}
 fn default_conntrack_flows() -> u32 {
     DEFAULT_CONNTRACK_FLOWS
 }
@@ -330,6 +338,9 @@ pub struct Dataplane {
     pub conntrack_flows: u32,
     pub idle_timeout: Duration,
     pub closing_timeout: Duration,
+    /// SNAT source addresses besides the node's; the agent checks each is
+    /// on the interface before it changes anything.
+    pub snat_addresses: Vec<Ipv4Addr>,
     /// Absolute; the agent pins under `pin_dir/v<LAYOUT_VERSION>/`.
     pub pin_dir: PathBuf,
 }
@@ -515,6 +526,8 @@ pub enum ConfigError {
     },
     #[error("{file}: {problem}")]
     Invalid { file: String, problem: FieldError },
+    #[error("{file} holds {text:?}, not two ports")]
+    LocalPorts { file: String, text: String },
 }
 
 /// A semantic problem with one field.
@@ -590,9 +603,15 @@ pub fn summary(c: &Config) -> String {
     let d = &c.dataplane;
     let _ = writeln!(
         s,
-        "data plane: XDP {} mode, SNAT ports {}, {} flows, idle timeout {} s, closing {} s, pins in {}",
+        "data plane: XDP {} mode, SNAT ports {}{}, {} flows, idle timeout {} s, closing {} s, pins in {}",
         d.xdp_mode,
         d.snat_ports,
+        if d.snat_addresses.is_empty() {
+            String::new()
+        } else {
+            let extra: Vec<String> = d.snat_addresses.iter().map(|a| a.to_string()).collect();
+            format!(" (also from {})", extra.join(", "))
+        },
         d.conntrack_flows,
         d.idle_timeout.as_secs(),
         d.closing_timeout.as_secs(),
@@ -630,34 +649,88 @@ pub fn summary(c: &Config) -> String {
     s
 }
 
-/// Reads, parses and validates the file at `path`.
+/// Reads, parses and validates the file at `path`, for this node (its
+/// `net.ipv4.ip_local_port_range`, read from [`LOCAL_PORT_RANGE_FILE`]).
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         file: file.clone(),
         source,
     })?;
-    parse(&text, &file)
+    let local = read_local_port_range()?;
+    parse_for(&text, &file, local)
 }
 
-/// Parses and validates `text`; `file` is only used in error messages.
+/// The node's `net.ipv4.ip_local_port_range`.
+pub fn read_local_port_range() -> Result<SnatPortRange, ConfigError> {
+    let file = LOCAL_PORT_RANGE_FILE.to_string();
+    let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse_local_port_range(&text).ok_or(ConfigError::LocalPorts { file, text })
+}
+
+/// Parses `ip_local_port_range` as the kernel prints it (`"32768\t60999"`).
+pub fn parse_local_port_range(text: &str) -> Option<SnatPortRange> {
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(min)), Some(Ok(max)), None) = (it.next(), it.next(), it.next()) else {
+        return None;
+    };
+    (min <= max).then_some(SnatPortRange { min, max })
+}
+
+/// Parses and validates `text` as if the node had Linux's default
+/// `ip_local_port_range`; `file` is only used in error messages.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    parse_for(text, file, LINUX_LOCAL_PORT_RANGE)
+}
+
+/// Parses and validates `text` for a node whose `ip_local_port_range` is
+/// `local`.
+pub fn parse_for(text: &str, file: &str, local: SnatPortRange) -> Result<Config, ConfigError> {
     let raw: ConfigFile = toml::from_str(text).map_err(|source| ConfigError::Parse {
         file: file.to_string(),
         source,
     })?;
-    raw.validate().map_err(|problem| ConfigError::Invalid {
-        file: file.to_string(),
-        problem,
-    })
+    raw.validate_for(local)
+        .map_err(|problem| ConfigError::Invalid {
+            file: file.to_string(),
+            problem,
+        })
+}
+
+/// The default SNAT range: every unprivileged port outside the node's own
+/// ephemeral range `local`, on the larger side of it (the data plane takes
+/// one contiguous range). `None` if there is no room either side.
+pub fn default_snat_ports(local: SnatPortRange) -> Option<SnatPortRange> {
+    let below = (local.min > MIN_SNAT_PORT).then(|| SnatPortRange {
+        min: MIN_SNAT_PORT,
+        max: local.min - 1,
+    });
+    let above = (local.max < u16::MAX).then(|| SnatPortRange {
+        min: local.max.max(MIN_SNAT_PORT - 1) + 1,
+        max: u16::MAX,
+    });
+    match (below, above) {
+        (Some(b), Some(a)) => Some(if a.len() > b.len() { a } else { b }),
+        (b, a) => b.or(a),
+    }
 }
 
 impl ConfigFile {
-    /// Checks every field and returns the typed configuration, or the first
-    /// problem found (fields in file order).
+    /// [`Self::validate_for`] a node with Linux's default
+    /// `ip_local_port_range`.
     pub fn validate(&self) -> Result<Config, FieldError> {
+        self.validate_for(LINUX_LOCAL_PORT_RANGE)
+    }
+
+    /// Checks every field and returns the typed configuration, or the first
+    /// problem found (fields in file order), for a node whose own ephemeral
+    /// ports (`ip_local_port_range`) are `local`.
+    pub fn validate_for(&self, local: SnatPortRange) -> Result<Config, FieldError> {
         let node = self.node.validate()?;
-        let dataplane = self.dataplane.validate()?;
+        let dataplane = self.dataplane.validate(local)?;
         let admin = self.admin.validate()?;
         let vrrp = match &self.vrrp {
             Some(section) => {
@@ -705,6 +778,24 @@ impl ConfigFile {
             }
         }
         let vips: HashSet<Ipv4Addr> = services.iter().map(|s| s.vip).collect();
+        for (i, a) in dataplane.snat_addresses.iter().enumerate() {
+            let field = format!("dataplane.snat_addresses[{i}]");
+            if *a == node.address {
+                return Err(field_error(
+                    field,
+                    format!("{a} is node.address, a SNAT address already: remove it"),
+                ));
+            }
+            if vips.contains(a) {
+                return Err(field_error(field, format!("{a} is a service VIP")));
+            }
+            if services
+                .iter()
+                .any(|s| s.backends.iter().any(|b| b.ip() == a))
+            {
+                return Err(field_error(field, format!("{a} is a backend's address")));
+            }
+        }
         if vips.contains(&node.address) {
             return Err(field_error(
                 "node.address",
@@ -822,25 +913,84 @@ impl NodeSection {
 }
 
 impl DataplaneSection {
-    fn validate(&self) -> Result<Dataplane, FieldError> {
-        if self.snat_port_min < MIN_SNAT_PORT {
+    fn snat_ports(&self, local: SnatPortRange) -> Result<SnatPortRange, FieldError> {
+        let (min, max) =
+            match (self.snat_port_min, self.snat_port_max) {
+                (None, None) => {
+                    return default_snat_ports(local).ok_or_else(|| {
+                        field_error(
+                            "dataplane.snat_port_min",
+                            format!(
+                                "not set, and net.ipv4.ip_local_port_range ({local}) leaves no \
+                             unprivileged port outside it for SNAT: shrink ip_local_port_range, \
+                             or set snat_port_min and snat_port_max"
+                            ),
+                        )
+                    })
+                }
+                (Some(min), Some(max)) => (min, max),
+                (Some(_), None) => return Err(field_error(
+                    "dataplane.snat_port_max",
+                    "missing: set both snat_port_min and snat_port_max, or neither for the default",
+                )),
+                (None, Some(_)) => return Err(field_error(
+                    "dataplane.snat_port_min",
+                    "missing: set both snat_port_min and snat_port_max, or neither for the default",
+                )),
+            };
+        if min < MIN_SNAT_PORT {
+            return Err(field_error(
+                "dataplane.snat_port_min",
+                format!("{min} is below {MIN_SNAT_PORT}: SNAT ports must not be well-known ports"),
+            ));
+        }
+        if min > max {
+            return Err(field_error(
+                "dataplane.snat_port_max",
+                format!("{max} is below snat_port_min ({min}): the range is empty"),
+            ));
+        }
+        if min <= local.max && max >= local.min {
+            let hint = match default_snat_ports(local) {
+                Some(d) => format!(" (for example {d}, the default)"),
+                None => String::new(),
+            };
             return Err(field_error(
                 "dataplane.snat_port_min",
                 format!(
-                    "{} is below {MIN_SNAT_PORT}: SNAT ports must not be well-known ports",
-                    self.snat_port_min
+                    "{min}-{max} overlaps net.ipv4.ip_local_port_range ({local}), the ports of \
+                     the node's own outgoing connections: choose ports outside it{hint}, or \
+                     shrink ip_local_port_range"
                 ),
             ));
         }
-        if self.snat_port_min > self.snat_port_max {
+        Ok(SnatPortRange { min, max })
+    }
+
+    fn snat_address_list(&self) -> Result<Vec<Ipv4Addr>, FieldError> {
+        if self.snat_addresses.len() > MAX_SNAT_ADDRS {
             return Err(field_error(
-                "dataplane.snat_port_max",
+                "dataplane.snat_addresses",
                 format!(
-                    "{} is below snat_port_min ({})",
-                    self.snat_port_max, self.snat_port_min
+                    "{} addresses, at most {MAX_SNAT_ADDRS} are supported",
+                    self.snat_addresses.len()
                 ),
             ));
         }
+        let mut out = Vec::new();
+        for (i, text) in self.snat_addresses.iter().enumerate() {
+            let field = format!("dataplane.snat_addresses[{i}]");
+            let addr = parse_unicast(text, &field)?;
+            if out.contains(&addr) {
+                return Err(field_error(field, format!("{addr} is listed twice")));
+            }
+            out.push(addr);
+        }
+        Ok(out)
+    }
+
+    fn validate(&self, local: SnatPortRange) -> Result<Dataplane, FieldError> {
+        let snat_ports = self.snat_ports(local)?;
         if self.conntrack_flows == 0 || self.conntrack_flows > MAX_CONNTRACK_FLOWS {
             return Err(field_error(
                 "dataplane.conntrack_flows",
@@ -867,13 +1017,11 @@ impl DataplaneSection {
         Ok(Dataplane {
             xdp_mode: self.xdp_mode,
             active: self.active.unwrap_or(false),
-            snat_ports: SnatPortRange {
-                min: self.snat_port_min,
-                max: self.snat_port_max,
-            },
+            snat_ports,
             conntrack_flows: self.conntrack_flows,
             idle_timeout,
             closing_timeout,
+            snat_addresses: self.snat_address_list()?,
             pin_dir: self.pin_dir.clone(),
         })
     }
@@ -1206,11 +1354,12 @@ backends = ["198.18.0.2:6380"]
         let d = c.dataplane;
         assert_eq!(d.xdp_mode, XdpMode::Auto);
         assert!(!d.active);
+        // Below Linux's default ip_local_port_range, the larger side.
         assert_eq!(
             d.snat_ports,
             SnatPortRange {
-                min: 61000,
-                max: 65535
+                min: 1024,
+                max: 32767
             }
         );
         assert_eq!(d.conntrack_flows, 262_144);
@@ -1293,7 +1442,7 @@ backends = ["198.18.0.2:6380"]
                 "node.address",
             ),
             (
-                with("dataplane", "snat_port_min = 80"),
+                with("dataplane", "snat_port_min = 80\nsnat_port_max = 2000"),
                 "dataplane.snat_port_min",
             ),
             (
@@ -1389,6 +1538,163 @@ backends = ["198.18.0.2:6380"]
 
         let wide = format!("{head}{}", service_block(6380, 17));
         assert_eq!(invalid(&wide).field, "service[0].backends");
+    }
+
+    fn range(min: u16, max: u16) -> SnatPortRange {
+        SnatPortRange { min, max }
+    }
+
+    #[test]
+    fn default_snat_range_is_the_larger_side_outside_the_local_range() {
+        assert_eq!(
+            default_snat_ports(LINUX_LOCAL_PORT_RANGE),
+            Some(range(1024, 32767))
+        );
+        assert_eq!(
+            default_snat_ports(range(10000, 20000)),
+            Some(range(20001, 65535))
+        );
+        assert_eq!(
+            default_snat_ports(range(1024, 60000)),
+            Some(range(60001, 65535))
+        );
+        assert_eq!(
+            default_snat_ports(range(2000, 65535)),
+            Some(range(1024, 1999))
+        );
+        assert_eq!(default_snat_ports(range(1024, 65535)), None);
+        assert_eq!(default_snat_ports(range(500, 65535)), None);
+        assert_eq!(
+            default_snat_ports(range(100, 200)),
+            Some(range(1024, 65535))
+        );
+    }
+
+    #[test]
+    fn local_port_range_is_read_as_the_kernel_prints_it() {
+        assert_eq!(
+            parse_local_port_range("32768\t60999\n"),
+            Some(LINUX_LOCAL_PORT_RANGE)
+        );
+        assert_eq!(
+            parse_local_port_range("1024 65535"),
+            Some(range(1024, 65535))
+        );
+        assert_eq!(parse_local_port_range("60999 32768"), None);
+        assert_eq!(parse_local_port_range("32768"), None);
+        assert_eq!(parse_local_port_range("a b"), None);
+    }
+
+    #[test]
+    fn snat_range_follows_the_nodes_local_port_range() {
+        let c = parse_for(MINIMAL, "balancer.toml", range(40000, 65535)).unwrap();
+        assert_eq!(c.dataplane.snat_ports, range(1024, 39999));
+        let err = parse_for(MINIMAL, "balancer.toml", range(1024, 65535)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("dataplane.snat_port_min")
+                && text.contains("ip_local_port_range (1024-65535)")
+                && text.contains("shrink"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn snat_range_must_stay_clear_of_the_local_port_range() {
+        let text = with("dataplane", "snat_port_min = 60000\nsnat_port_max = 65535");
+        let err = parse(&text, "balancer.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("dataplane.snat_port_min: 60000-65535 overlaps net.ipv4.ip_local_port_range (32768-60999)")
+                && err.contains("1024-32767, the default"),
+            "{err}"
+        );
+        // Just outside on either side is fine.
+        for (min, max) in [(61000, 65535), (1024, 32767)] {
+            let text = with(
+                "dataplane",
+                &format!("snat_port_min = {min}\nsnat_port_max = {max}"),
+            );
+            let c = parse(&text, "balancer.toml").unwrap();
+            assert_eq!(c.dataplane.snat_ports, range(min, max));
+        }
+        for (line, field) in [
+            ("snat_port_min = 2000", "dataplane.snat_port_max: missing"),
+            ("snat_port_max = 2000", "dataplane.snat_port_min: missing"),
+            (
+                "snat_port_min = 1000\nsnat_port_max = 2000",
+                "dataplane.snat_port_min: 1000 is below 1024",
+            ),
+            (
+                "snat_port_min = 3000\nsnat_port_max = 2000",
+                "the range is empty",
+            ),
+        ] {
+            let err = parse(&with("dataplane", line), "balancer.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn snat_addresses_are_checked() {
+        let c = parse(
+            &with(
+                "dataplane",
+                r#"snat_addresses = ["198.18.0.11", "198.18.0.12"]"#,
+            ),
+            "balancer.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.dataplane.snat_addresses,
+            vec![Ipv4Addr::new(198, 18, 0, 11), Ipv4Addr::new(198, 18, 0, 12)]
+        );
+        let text = summary(&c);
+        assert!(
+            text.contains("SNAT ports 1024-32767 (also from 198.18.0.11, 198.18.0.12),"),
+            "{text}"
+        );
+        assert!(parse(MINIMAL, "b.toml")
+            .unwrap()
+            .dataplane
+            .snat_addresses
+            .is_empty());
+        for (list, want) in [
+            (
+                r#"["198.18.0.11", "198.18.0.11"]"#,
+                "dataplane.snat_addresses[1]: 198.18.0.11 is listed twice",
+            ),
+            (
+                r#"["198.18.0.1"]"#,
+                "dataplane.snat_addresses[0]: 198.18.0.1 is node.address",
+            ),
+            (
+                r#"["198.18.0.100"]"#,
+                "dataplane.snat_addresses[0]: 198.18.0.100 is a service VIP",
+            ),
+            (
+                r#"["198.18.0.2"]"#,
+                "dataplane.snat_addresses[0]: 198.18.0.2 is a backend's address",
+            ),
+            (r#"["224.0.0.1"]"#, "dataplane.snat_addresses[0]"),
+            (
+                r#"["x"]"#,
+                "dataplane.snat_addresses[0]: \"x\" is not an IPv4 address",
+            ),
+            (
+                r#"["198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.14", "198.18.0.15"]"#,
+                "dataplane.snat_addresses: 5 addresses, at most 4",
+            ),
+        ] {
+            let err = parse(
+                &with("dataplane", &format!("snat_addresses = {list}")),
+                "b.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(want), "{list}: {err}");
+        }
     }
 
     #[test]

@@ -2,11 +2,17 @@
 //! flows of a backend taken out of service.
 //!
 //! Expiry: the XDP program only notices an expired flow when a packet of
-//! it arrives; a flow that simply goes quiet would hold its SNAT port until
-//! LRU eviction. Every [`SWEEP_INTERVAL`] this module walks `CONNTRACK` and
-//! deletes both entries (forward and reverse) of each flow whose entries
-//! have all expired. Timestamps are `bpf_ktime_get_coarse_ns()`, i.e.
-//! `CLOCK_MONOTONIC` at tick resolution.
+//! it arrives. Every [`SWEEP_INTERVAL`] this module walks `CONNTRACK`,
+//! deletes the forward entries (client -> VIP) past their hold, and counts
+//! the SNAT ports still held per backend. How long an entry is held is
+//! [`HoldTimes::hold_ns`], the data plane's own rule. Reverse entries
+//! (backend -> node:port) are never deleted here: each is the claim on an
+//! SNAT port, and only the CPU owning the port may take it over (an
+//! expired one is free already; the data plane reclaims it when its cursor
+//! comes round, and LRU eviction prefers it when the table is full).
+//! Deleting one from here could race the owner handing the port to a new
+//! flow and delete that flow's claim. Timestamps are
+//! `bpf_ktime_get_coarse_ns()`, i.e. `CLOCK_MONOTONIC` at tick resolution.
 //!
 //! Purge ([`purge_backends`]): deletes both entries of every flow of given
 //! (service, backend) pairs and returns the flows, so that
@@ -15,7 +21,7 @@
 //! RST.
 
 use std::{
-    collections::{HashMap as StdHashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsFd,
     time::Duration,
@@ -23,9 +29,7 @@ use std::{
 
 use crate::error_chain;
 use aya::maps::{HashMap, IterableMap, Map, MapData, MapError};
-use balancer_common::{
-    FlowEntry, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_CLOSING, IPPROTO_TCP,
-};
+use balancer_common::{FlowEntry, FlowKey, HoldTimes, DIR_TO_BACKEND, DIR_TO_CLIENT, IPPROTO_TCP};
 use tracing::{debug, info, warn};
 
 /// The `CONNTRACK` map as user space holds it.
@@ -34,31 +38,12 @@ pub type ConntrackMap = HashMap<MapData, FlowKey, FlowEntry>;
 /// How often the table is swept.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The timeouts, in the units the data plane uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlowTimeouts {
-    pub idle_ns: u64,
-    pub closing_ns: u64,
-}
+/// The hold times the sweep applies: the data plane's, from `SETTINGS`.
+pub type FlowTimeouts = HoldTimes;
 
-impl FlowTimeouts {
-    pub fn new(idle: Duration, closing: Duration) -> Self {
-        FlowTimeouts {
-            idle_ns: u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX),
-            closing_ns: u64::try_from(closing.as_nanos()).unwrap_or(u64::MAX),
-        }
-    }
-
-    /// Whether `entry` has gone without packets for longer than its
-    /// timeout (the closing one once both sides sent FIN) at `now_ns`.
-    pub fn expired(&self, entry: &FlowEntry, now_ns: u64) -> bool {
-        let timeout = if entry.flags & FLOW_CLOSING != 0 {
-            self.closing_ns
-        } else {
-            self.idle_ns
-        };
-        now_ns.saturating_sub(entry.last_seen_ns) > timeout
-    }
+/// Whether `entry` is past its hold at `now_ns` (the data plane's rule).
+pub fn expired(timeouts: &FlowTimeouts, entry: &FlowEntry, now_ns: u64) -> bool {
+    timeouts.expired(entry.flags, entry.last_seen_ns, now_ns)
 }
 
 /// Key of the other direction's entry of the same flow.
@@ -73,42 +58,29 @@ pub fn partner_key(entry: &FlowEntry) -> FlowKey {
     }
 }
 
-/// Keys to delete, given the expired entries and a way to look up any
-/// entry. A flow is removed only when its partner entry is missing or
-/// expired too, and then both of its keys are returned.
-pub fn keys_to_delete(
-    expired: &StdHashMap<FlowKey, FlowEntry>,
-    lookup: impl Fn(&FlowKey) -> Option<FlowEntry>,
-    timeouts: FlowTimeouts,
-    now_ns: u64,
-) -> Vec<FlowKey> {
-    let mut out = Vec::new();
-    for (key, entry) in expired {
-        let partner = partner_key(entry);
-        if expired.contains_key(&partner) {
-            // Both expired; the pair is emitted once, by its smaller key.
-            if key_order(key) < key_order(&partner) {
-                out.push(*key);
-                out.push(partner);
-            } else if key_order(key) == key_order(&partner) {
-                out.push(*key);
-            }
-            continue;
-        }
-        match lookup(&partner) {
-            Some(p) if !timeouts.expired(&p, now_ns) => {}
-            Some(_) => {
-                out.push(*key);
-                out.push(partner);
-            }
-            None => out.push(*key),
-        }
-    }
-    out
+/// What the sweep does with one entry at `now_ns`: delete it (a forward
+/// entry past its hold), count it as an SNAT port held towards its backend
+/// (a reverse entry within its hold), or leave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepAction {
+    Delete,
+    HoldsPort(SocketAddrV4),
+    Keep,
 }
 
-fn key_order(k: &FlowKey) -> (u32, u32, u16, u16, u8) {
-    (k.saddr, k.daddr, k.sport, k.dport, k.proto)
+/// The sweep's decision for one entry. Pure.
+pub fn sweep_action(
+    key: &FlowKey,
+    entry: &FlowEntry,
+    timeouts: &FlowTimeouts,
+    now_ns: u64,
+) -> SweepAction {
+    let past = expired(timeouts, entry, now_ns);
+    match entry.direction {
+        DIR_TO_BACKEND if past => SweepAction::Delete,
+        DIR_TO_CLIENT if !past => SweepAction::HoldsPort(sock(key.saddr, key.sport)),
+        _ => SweepAction::Keep,
+    }
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns()`.
@@ -127,16 +99,19 @@ pub fn monotonic_now_ns() -> u64 {
 }
 
 /// What one sweep did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {
     /// Entries seen.
     pub entries: usize,
     /// Entries deleted.
     pub deleted: usize,
+    /// SNAT ports held (reverse entries within their hold), per backend.
+    pub snat_in_use: BTreeMap<SocketAddrV4, u32>,
 }
 
-/// Walks the table once and deletes expired flows. Blocking (one syscall
-/// per entry): run it off the async threads.
+/// Walks the table once, deletes the forward entries past their hold and
+/// counts the SNAT ports held. Blocking (one syscall per entry): run it off
+/// the async threads.
 pub fn sweep(
     table: &mut HashMap<MapData, FlowKey, FlowEntry>,
     timeouts: FlowTimeouts,
@@ -144,7 +119,7 @@ pub fn sweep(
 ) -> SweepReport {
     let now_ns = monotonic_now_ns();
     let mut report = SweepReport::default();
-    let mut expired = StdHashMap::new();
+    let mut doomed = Vec::new();
     // Deleting while iterating restarts the kernel's key walk, so collect
     // first. Entries vanishing mid-walk (the data plane deletes too) are
     // skipped; the bound stops a walk that keeps restarting.
@@ -152,8 +127,12 @@ pub fn sweep(
         match item {
             Ok((key, entry)) => {
                 report.entries += 1;
-                if timeouts.expired(&entry, now_ns) {
-                    expired.insert(key, entry);
+                match sweep_action(&key, &entry, &timeouts, now_ns) {
+                    SweepAction::Delete => doomed.push(key),
+                    SweepAction::HoldsPort(backend) => {
+                        *report.snat_in_use.entry(backend).or_default() += 1
+                    }
+                    SweepAction::Keep => {}
                 }
             }
             Err(MapError::KeyNotFound) => {}
@@ -163,14 +142,9 @@ pub fn sweep(
             }
         }
     }
-    if expired.is_empty() {
-        return report;
-    }
-    let doomed = keys_to_delete(&expired, |k| table.get(k, 0).ok(), timeouts, now_ns);
     for key in doomed {
-        // The walk took a while: the data plane may have dropped the dead
-        // flow and given its key to a new one since (a freed SNAT port, a
-        // reused client port). Look again right before deleting.
+        // The walk took a while: the client may have reused its port for a
+        // new flow since. Look again right before deleting.
         if !still_expired(table.get(&key, 0).ok(), timeouts, now_ns) {
             continue;
         }
@@ -185,9 +159,10 @@ pub fn sweep(
 }
 
 /// Whether the entry found under a doomed key right before its deletion
-/// is still expired; `None` (gone already) needs no deletion either.
+/// is still a forward entry past its hold; `None` (gone already) needs no
+/// deletion either.
 pub fn still_expired(current: Option<FlowEntry>, timeouts: FlowTimeouts, now_ns: u64) -> bool {
-    current.is_some_and(|e| timeouts.expired(&e, now_ns))
+    current.is_some_and(|e| e.direction == DIR_TO_BACKEND && expired(&timeouts, &e, now_ns))
 }
 
 /// A second handle on the same kernel map (a duplicated descriptor), for a
@@ -341,6 +316,13 @@ pub fn purge_backends(
     }
     for (flow, keys) in flows_to_purge(entries, targets) {
         for key in keys {
+            // The walk took a while: a port of a resting flow may have been
+            // taken over by the CPU owning it, for a new flow (of another
+            // service sharing the backend). Delete only what still belongs
+            // to the flow found.
+            if !still_of(&flow, &key, table.get(&key, 0).ok()) {
+                continue;
+            }
             match table.remove(&key) {
                 Ok(()) => report.deleted += 1,
                 // Gone already: the data plane removed it (RST, expiry).
@@ -356,14 +338,24 @@ pub fn purge_backends(
     report
 }
 
+/// Whether `current`, found under `key` right before a purge deletes it,
+/// still belongs to `flow`; `None` (gone already) needs no deletion.
+pub fn still_of(flow: &NatFlow, key: &FlowKey, current: Option<FlowEntry>) -> bool {
+    current
+        .and_then(|e| nat_flow(key, &e))
+        .is_some_and(|(f, _)| f == *flow)
+}
+
 /// Sweeps `table` every [`SWEEP_INTERVAL`] until the task is aborted;
 /// after each sweep, `entries` is the number of entries it left (the table
-/// starts empty, so 0 before the first).
+/// starts empty, so 0 before the first) and `snat_in_use` the SNAT ports
+/// held per backend.
 pub async fn run_sweeper(
     table: HashMap<MapData, FlowKey, FlowEntry>,
     timeouts: FlowTimeouts,
     max_entries: usize,
     entries: tokio::sync::watch::Sender<usize>,
+    snat_in_use: tokio::sync::watch::Sender<BTreeMap<SocketAddrV4, u32>>,
 ) {
     let mut interval = tokio::time::interval(SWEEP_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -381,6 +373,7 @@ pub async fn run_sweeper(
             Ok((t, report)) => {
                 table = Some(t);
                 entries.send_replace(report.entries.saturating_sub(report.deleted));
+                snat_in_use.send_replace(report.snat_in_use.clone());
                 if report.deleted > 0 {
                     info!(
                         entries = report.entries,
@@ -399,15 +392,96 @@ pub async fn run_sweeper(
     }
 }
 
+/// How often [`run_exhaustion_log`] reads `drop_snat_exhausted`.
+pub const EXHAUSTION_POLL: Duration = Duration::from_secs(2);
+/// At most one exhaustion warning this often.
+pub const EXHAUSTION_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Rate limit of the SNAT exhaustion warning: the first drop is reported at
+/// once, later ones at most once per `every`, with the drops since the
+/// last report. Pure (the caller passes the time).
+#[derive(Debug, Clone)]
+pub struct ExhaustionLog {
+    every: Duration,
+    /// Counter value at the last report (or at start).
+    reported: u64,
+    last_report: Option<std::time::Instant>,
+}
+
+impl ExhaustionLog {
+    /// Starts from the counter's current value: drops from before the agent
+    /// started (a restart reuses the pinned maps) are not reported.
+    pub fn new(every: Duration, total: u64) -> Self {
+        ExhaustionLog {
+            every,
+            reported: total,
+            last_report: None,
+        }
+    }
+
+    /// The drops to report now, given the counter's value `total`: `Some`
+    /// when there are new ones and no report was made within `every`.
+    pub fn observe(&mut self, now: std::time::Instant, total: u64) -> Option<u64> {
+        let new = total.wrapping_sub(self.reported);
+        if new == 0
+            || self
+                .last_report
+                .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            return None;
+        }
+        self.reported = total;
+        self.last_report = Some(now);
+        Some(new)
+    }
+}
+
+/// Warns, rate limited ([`ExhaustionLog`]), when SYNs are dropped for want
+/// of a free SNAT port, until the task is aborted.
+pub async fn run_exhaustion_log(maps: crate::stats::PinnedMaps, ports: u32) {
+    let read = || maps.counter(balancer_common::counter::DROP_SNAT_EXHAUSTED);
+    let Ok(start) = read() else { return };
+    let mut log = ExhaustionLog::new(EXHAUSTION_LOG_EVERY, start);
+    let mut interval = tokio::time::interval(EXHAUSTION_POLL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let total = match read() {
+            Ok(t) => t,
+            Err(error) => {
+                warn!(error = %error_chain(&error), "cannot read drop_snat_exhausted; stopping its log");
+                return;
+            }
+        };
+        if let Some(dropped) = log.observe(std::time::Instant::now(), total) {
+            warn!(
+                dropped,
+                total,
+                ports_per_backend = ports,
+                "SYNs dropped for want of a free SNAT port (a CPU's share of the range towards \
+                 one backend is held by live or resting flows): widen the SNAT range, shrink \
+                 net.ipv4.ip_local_port_range to make room, or use persistent connections; \
+                 `balancer status` shows ports in use per backend"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use balancer_common::FLOW_FIN_SEEN;
+    use balancer_common::{
+        FLOW_BACKEND_FIN, FLOW_BACKEND_FIRST, FLOW_BOTH_FIN, FLOW_CLIENT_FIN, FLOW_LAST_ACK,
+        FLOW_REPLIED, FLOW_RESET,
+    };
 
     const SEC: u64 = 1_000_000_000;
     const TIMEOUTS: FlowTimeouts = FlowTimeouts {
         idle_ns: 300 * SEC,
         closing_ns: 10 * SEC,
+        close_grace_ns: 2 * SEC,
+        time_wait_ns: 60 * SEC,
+        embryonic_ns: 5 * SEC,
     };
 
     fn ip(d: u8) -> u32 {
@@ -418,34 +492,29 @@ mod tests {
     }
 
     /// Forward (client -> VIP) and reverse (backend -> node:snat) entries of
-    /// one flow to backend 198.18.0.2, last seen at `last_fwd` / `last_rev`.
-    fn flow(
-        client_port: u16,
-        snat: u16,
-        last_fwd: u64,
-        last_rev: u64,
-    ) -> [(FlowKey, FlowEntry); 2] {
+    /// one answered flow to backend 198.18.0.2, with `flags`, last seen at
+    /// `last`.
+    fn flow(client_port: u16, snat: u16, flags: u32, last: u64) -> [(FlowKey, FlowEntry); 2] {
         let [(fwd_key, mut fwd), (rev_key, mut rev)] = nat(0, client_port, snat, 2);
-        fwd.last_seen_ns = last_fwd;
-        rev.last_seen_ns = last_rev;
+        for e in [&mut fwd, &mut rev] {
+            e.flags = flags | FLOW_REPLIED;
+            e.last_seen_ns = last;
+        }
         [(fwd_key, fwd), (rev_key, rev)]
     }
 
-    fn plan(entries: &[(FlowKey, FlowEntry)], now: u64) -> Vec<FlowKey> {
-        let all: StdHashMap<FlowKey, FlowEntry> = entries.iter().copied().collect();
-        let expired: StdHashMap<FlowKey, FlowEntry> = entries
-            .iter()
-            .copied()
-            .filter(|(_, e)| TIMEOUTS.expired(e, now))
-            .collect();
-        let mut keys = keys_to_delete(&expired, |k| all.get(k).copied(), TIMEOUTS, now);
-        keys.sort_by_key(key_order);
-        keys
-    }
-
-    fn sorted(mut keys: Vec<FlowKey>) -> Vec<FlowKey> {
-        keys.sort_by_key(key_order);
-        keys
+    #[test]
+    fn exhaustion_is_logged_at_once_then_at_most_once_a_minute() {
+        let t0 = std::time::Instant::now();
+        let s = Duration::from_secs;
+        let mut log = ExhaustionLog::new(s(60), 5);
+        assert_eq!(log.observe(t0, 5), None, "drops from before the start");
+        assert_eq!(log.observe(t0 + s(1), 8), Some(3), "the first at once");
+        assert_eq!(log.observe(t0 + s(2), 20), None);
+        assert_eq!(log.observe(t0 + s(60), 30), None);
+        assert_eq!(log.observe(t0 + s(61), 31), Some(23), "all since the last");
+        assert_eq!(log.observe(t0 + s(200), 31), None, "nothing new");
+        assert_eq!(log.observe(t0 + s(201), 32), Some(1));
     }
 
     #[test]
@@ -458,71 +527,90 @@ mod tests {
         assert_eq!(partner_key(&rev), fwd_key);
     }
 
+    /// Each state's hold, at its edge: held one nanosecond before, free at.
     #[test]
-    fn expiry_uses_idle_or_closing_timeout() {
-        let mut e = FlowEntry {
-            last_seen_ns: 1000 * SEC,
-            ..Default::default()
-        };
-        assert!(!TIMEOUTS.expired(&e, 1300 * SEC));
-        assert!(TIMEOUTS.expired(&e, 1300 * SEC + 1));
-        // One FIN is not enough for the closing timeout.
-        e.flags = FLOW_FIN_SEEN;
-        assert!(!TIMEOUTS.expired(&e, 1010 * SEC + 1));
-        e.flags = FLOW_CLOSING | FLOW_FIN_SEEN;
-        assert!(!TIMEOUTS.expired(&e, 1010 * SEC));
-        assert!(TIMEOUTS.expired(&e, 1010 * SEC + 1));
-        // An entry refreshed after the clock was read is not expired.
-        assert!(!TIMEOUTS.expired(&e, 999 * SEC));
+    fn hold_by_state() {
+        let t0 = 1000 * SEC;
+        for (flags, hold) in [
+            (0, 5 * SEC),                                // SYN never answered
+            (FLOW_REPLIED, 300 * SEC),                   // established
+            (FLOW_REPLIED | FLOW_CLIENT_FIN, 300 * SEC), // half closed
+            (FLOW_REPLIED | FLOW_BOTH_FIN, 10 * SEC),    // client first, no last ACK
+            (FLOW_REPLIED | FLOW_BOTH_FIN | FLOW_LAST_ACK, 2 * SEC),
+            (
+                FLOW_REPLIED | FLOW_BACKEND_FIN | FLOW_BACKEND_FIRST,
+                300 * SEC, // the client has not closed yet
+            ),
+            (
+                FLOW_REPLIED | FLOW_BOTH_FIN | FLOW_BACKEND_FIRST,
+                60 * SEC, // backend TIME_WAIT
+            ),
+            (FLOW_REPLIED | FLOW_RESET, 0),
+            (FLOW_RESET | FLOW_BOTH_FIN | FLOW_BACKEND_FIRST, 0),
+        ] {
+            assert_eq!(TIMEOUTS.hold_ns(flags), hold, "flags {flags:#x}");
+            let e = FlowEntry {
+                flags,
+                last_seen_ns: t0,
+                ..Default::default()
+            };
+            if hold > 0 {
+                assert!(!expired(&TIMEOUTS, &e, t0 + hold - 1), "flags {flags:#x}");
+            }
+            assert!(expired(&TIMEOUTS, &e, t0 + hold), "flags {flags:#x}");
+            // Refreshed after the clock was read: not expired.
+            assert!(!expired(&TIMEOUTS, &e, t0 - 1), "flags {flags:#x}");
+        }
     }
 
     #[test]
-    fn a_flow_expired_in_both_directions_is_deleted_once() {
-        let entries = flow(40000, 61000, 0, 0);
-        let keys = plan(&entries, 400 * SEC);
-        assert_eq!(keys, sorted(vec![entries[0].0, entries[1].0]));
-    }
-
-    #[test]
-    fn a_flow_alive_in_one_direction_is_kept() {
-        let entries = flow(40000, 61000, 0, 350 * SEC);
-        assert!(plan(&entries, 400 * SEC).is_empty());
-    }
-
-    #[test]
-    fn an_orphan_entry_is_deleted_alone() {
-        let [fwd, _] = flow(40000, 61000, 0, 0);
-        assert_eq!(plan(&[fwd], 400 * SEC), vec![fwd.0]);
+    fn the_sweep_deletes_expired_forward_entries_and_never_reverse_ones() {
+        let backend: SocketAddrV4 = "198.18.0.2:6380".parse().unwrap();
+        let [(fk, fe), (rk, re)] = flow(40000, 61000, 0, 0);
+        // Both expired: the forward entry goes, the reverse entry (the
+        // port's claim) stays for its owning CPU.
+        let now = 400 * SEC;
+        assert_eq!(sweep_action(&fk, &fe, &TIMEOUTS, now), SweepAction::Delete);
+        assert_eq!(sweep_action(&rk, &re, &TIMEOUTS, now), SweepAction::Keep);
+        // Live: kept, and the reverse entry counts as a port held.
+        let now = 100 * SEC;
+        assert_eq!(sweep_action(&fk, &fe, &TIMEOUTS, now), SweepAction::Keep);
+        assert_eq!(
+            sweep_action(&rk, &re, &TIMEOUTS, now),
+            SweepAction::HoldsPort(backend)
+        );
+        // Reset: the port is free at once, the forward entry goes.
+        let [(fk, fe), (rk, re)] = flow(40001, 61001, FLOW_RESET, now);
+        assert_eq!(sweep_action(&fk, &fe, &TIMEOUTS, now), SweepAction::Delete);
+        assert_eq!(sweep_action(&rk, &re, &TIMEOUTS, now), SweepAction::Keep);
+        // Backend closed first: held for its TIME_WAIT.
+        let closed = FLOW_BOTH_FIN | FLOW_BACKEND_FIRST;
+        let [_, (rk, re)] = flow(40002, 61002, closed, now);
+        assert_eq!(
+            sweep_action(&rk, &re, &TIMEOUTS, now + 59 * SEC),
+            SweepAction::HoldsPort(backend)
+        );
+        assert_eq!(
+            sweep_action(&rk, &re, &TIMEOUTS, now + 60 * SEC),
+            SweepAction::Keep
+        );
     }
 
     #[test]
     fn a_key_taken_by_a_new_flow_during_the_walk_is_kept() {
         let now = 400 * SEC;
-        let [(_, dead_fwd), (_, dead_rev)] = flow(40000, 61000, 0, 0);
-        // During the walk the data plane freed the dead flow's SNAT port
-        // and gave it to a new flow: the reverse key now holds a fresh
-        // entry. Only a still-expired entry may be deleted.
-        let [_, (_, fresh_rev)] = flow(40001, 61000, now, now);
-        assert!(TIMEOUTS.expired(&dead_rev, now));
-        assert!(!still_expired(Some(fresh_rev), TIMEOUTS, now));
+        let [(_, dead_fwd), _] = flow(40000, 61000, 0, 0);
+        // During the walk the client reused its port: the forward key now
+        // holds a fresh entry. Only a still-expired forward entry may go.
+        let [(_, fresh_fwd), (_, fresh_rev)] = flow(40000, 61001, 0, now);
+        assert!(!still_expired(Some(fresh_fwd), TIMEOUTS, now));
         assert!(still_expired(Some(dead_fwd), TIMEOUTS, now));
+        let dead_rev = FlowEntry {
+            last_seen_ns: 0,
+            ..fresh_rev
+        };
+        assert!(!still_expired(Some(dead_rev), TIMEOUTS, now));
         assert!(!still_expired(None, TIMEOUTS, now));
-    }
-
-    #[test]
-    fn only_expired_flows_go() {
-        let mut entries = flow(40000, 61000, 0, 0).to_vec();
-        entries.extend(flow(40001, 61001, 390 * SEC, 390 * SEC));
-        let mut closing = flow(40002, 61002, 385 * SEC, 385 * SEC);
-        for (_, e) in &mut closing {
-            e.flags = FLOW_CLOSING | FLOW_FIN_SEEN;
-        }
-        entries.extend(closing);
-        let keys = plan(&entries, 400 * SEC);
-        assert_eq!(
-            keys,
-            sorted(vec![entries[0].0, entries[1].0, entries[4].0, entries[5].0])
-        );
     }
 
     /// Both entries of a flow of `service` from client 198.18.0.50:`client_port`
@@ -584,6 +672,18 @@ mod tests {
         assert_eq!(nat_flow(&rk, &re), Some((expected, [fk, rk])));
         let odd = FlowEntry { direction: 7, ..fe };
         assert_eq!(nat_flow(&fk, &odd), None);
+    }
+
+    #[test]
+    fn purge_keeps_a_key_taken_over_by_a_new_flow_during_the_walk() {
+        let [_, (rk, old)] = nat(0, 40000, 61000, 2);
+        let (flow, _) = nat_flow(&rk, &old).unwrap();
+        assert!(still_of(&flow, &rk, Some(old)));
+        // The port went to a new flow of another service to the same backend.
+        let [_, (rk2, new)] = nat(1, 40001, 61000, 2);
+        assert_eq!(rk2, rk);
+        assert!(!still_of(&flow, &rk, Some(new)));
+        assert!(!still_of(&flow, &rk, None));
     }
 
     #[test]

@@ -22,8 +22,9 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use balancer_common::{
-    conntrack_entries, names, Backend, FlowEntry, FlowKey, Service, ServiceKey, Settings,
-    BACKEND_LOCAL, IPPROTO_TCP, MAX_BACKENDS, SERVICE_ACTIVE, SERVICE_SCHEDULER_FIRST,
+    conntrack_entries, names, Backend, FlowEntry, FlowKey, HoldTimes, Service, ServiceKey,
+    Settings, BACKEND_LOCAL, CLOSE_GRACE_NS, EMBRYONIC_NS, IPPROTO_TCP, MAX_BACKENDS,
+    MAX_SNAT_ADDRS, SERVICE_ACTIVE, SERVICE_SCHEDULER_FIRST, TIME_WAIT_NS,
 };
 use tracing::{debug, info, warn};
 
@@ -35,7 +36,7 @@ use crate::{
 };
 
 /// The maps this agent pins, by name.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     names::SERVICES,
     names::CONNTRACK,
     names::SETTINGS,
@@ -43,6 +44,7 @@ pub const PINNED_MAPS: [&str; 7] = [
     names::SERVICE_STATS,
     names::BACKEND_STATS,
     names::COUNTERS,
+    names::SNAT_CURSOR,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -120,15 +122,46 @@ pub fn port_be(port: u16) -> u16 {
     u16::from_ne_bytes(port.to_be_bytes())
 }
 
-/// The `SETTINGS` value for this node.
-pub fn settings_value(node_addr: Ipv4Addr, dataplane: &Dataplane) -> Settings {
+/// The `SETTINGS` value for this node, whose SNAT range is split into
+/// `partitions` parts, one per possible CPU.
+pub fn settings_value(node_addr: Ipv4Addr, dataplane: &Dataplane, partitions: u32) -> Settings {
+    let mut snat_addrs = [0; MAX_SNAT_ADDRS];
+    let extra = &dataplane.snat_addresses[..dataplane.snat_addresses.len().min(MAX_SNAT_ADDRS)];
+    for (slot, addr) in snat_addrs.iter_mut().zip(extra) {
+        *slot = addr_be(*addr);
+    }
     Settings {
         node_addr: addr_be(node_addr),
         snat_port_min: dataplane.snat_ports.min,
         snat_port_max: dataplane.snat_ports.max,
-        idle_timeout_ns: duration_ns(dataplane.idle_timeout),
-        closing_timeout_ns: duration_ns(dataplane.closing_timeout),
+        snat_partitions: partitions.max(1),
+        snat_addr_count: extra.len() as u32,
+        holds: hold_times(dataplane),
+        snat_addrs,
     }
+}
+
+/// The hold times by state: idle and closing from the config, the others
+/// the defaults of `balancer_common`.
+pub fn hold_times(dataplane: &Dataplane) -> HoldTimes {
+    HoldTimes {
+        idle_ns: duration_ns(dataplane.idle_timeout),
+        closing_ns: duration_ns(dataplane.closing_timeout),
+        close_grace_ns: CLOSE_GRACE_NS,
+        time_wait_ns: TIME_WAIT_NS,
+        embryonic_ns: EMBRYONIC_NS,
+    }
+}
+
+/// The number of SNAT partitions: one per possible CPU, so that every CPU
+/// the program can run on owns one (the kernel numbers possible CPUs from
+/// 0 without holes on x86 and arm64).
+pub fn snat_partitions() -> u32 {
+    aya::util::nr_cpus()
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(1)
+        .max(1)
 }
 
 fn duration_ns(d: std::time::Duration) -> u64 {
@@ -578,14 +611,24 @@ mod tests {
             conntrack_flows: 10,
             idle_timeout: Duration::from_secs(300),
             closing_timeout: Duration::from_secs(10),
+            snat_addresses: vec![Ipv4Addr::new(198, 18, 0, 11)],
             pin_dir: PathBuf::from("/sys/fs/bpf/balancer"),
         };
-        let s = settings_value(Ipv4Addr::new(198, 18, 0, 1), &dp);
+        let s = settings_value(Ipv4Addr::new(198, 18, 0, 1), &dp, 4);
+        assert_eq!(s.snat_addr_count, 1);
+        assert_eq!(s.snat_addrs[0].to_ne_bytes(), [198, 18, 0, 11]);
+        assert_eq!(s.snat_addrs[1], 0);
         assert_eq!(s.node_addr.to_ne_bytes(), [198, 18, 0, 1]);
         assert_eq!(s.snat_port_min, 61000);
         assert_eq!(s.snat_port_max, 65535);
-        assert_eq!(s.idle_timeout_ns, 300_000_000_000);
-        assert_eq!(s.closing_timeout_ns, 10_000_000_000);
+        assert_eq!(s.snat_partitions, 4);
+        assert_eq!(s.holds.idle_ns, 300_000_000_000);
+        assert_eq!(s.holds.closing_ns, 10_000_000_000);
+        assert_eq!(s.holds.time_wait_ns, 60_000_000_000);
+        assert_eq!(
+            settings_value(Ipv4Addr::LOCALHOST, &dp, 0).snat_partitions,
+            1
+        );
     }
 
     #[test]

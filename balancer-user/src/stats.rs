@@ -193,6 +193,18 @@ impl PinnedMaps {
         })
     }
 
+    /// Counter slot `slot` summed over CPUs: one map lookup.
+    pub fn counter(&self, slot: u32) -> Result<u64, StatsError> {
+        let values = self
+            .counters
+            .get(&slot, 0)
+            .map_err(|source| StatsError::Read {
+                name: names::COUNTERS,
+                source,
+            })?;
+        Ok(values.iter().fold(0u64, |a, v| a.wrapping_add(*v)))
+    }
+
     /// Entries in the conntrack table now: walks the whole table, one
     /// syscall per entry.
     pub fn conntrack_entries(&self) -> usize {

@@ -29,8 +29,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use balancer_common::{
-    backend_stats_index, counter, names, Backend, FlowEntry, FlowKey, Service, ServiceKey,
-    Settings, TrafficStats, BACKEND_LOCAL, IPPROTO_TCP, MAX_BACKENDS, SERVICE_ACTIVE,
+    backend_stats_index, counter, names, Backend, FlowEntry, FlowKey, HoldTimes, Service,
+    ServiceKey, Settings, TrafficStats, BACKEND_LOCAL, IPPROTO_TCP, MAX_BACKENDS, SERVICE_ACTIVE,
 };
 
 use crate::{
@@ -268,14 +268,25 @@ pub fn active_service(id: u32, backends: &[Ipv4Addr]) -> Service {
 }
 
 /// The settings the fixtures start with: node 198.18.0.1, SNAT range
-/// 20000-29999, idle timeout an hour, closing timeout a minute.
+/// 20000-29999 split over the possible CPUs, every hold an hour except a
+/// closing timeout of a minute (tests set the one they look at to 0 to make
+/// it pass at once).
 pub fn default_settings() -> Settings {
+    const HOUR: u64 = 3_600_000_000_000;
     Settings {
         node_addr: net_addr(NODE),
         snat_port_min: SNAT_MIN,
         snat_port_max: SNAT_MAX,
-        idle_timeout_ns: 3_600_000_000_000,
-        closing_timeout_ns: 60_000_000_000,
+        snat_partitions: balancer_user::dataplane::snat_partitions(),
+        snat_addr_count: 0,
+        snat_addrs: [0; balancer_common::MAX_SNAT_ADDRS],
+        holds: HoldTimes {
+            idle_ns: HOUR,
+            closing_ns: 60_000_000_000,
+            close_grace_ns: HOUR,
+            time_wait_ns: HOUR,
+            embryonic_ns: HOUR,
+        },
     }
 }
 
@@ -463,6 +474,46 @@ impl Dataplane {
             Ingress::Fx0 => self.fx0,
             Ingress::Fy0 => self.fy0,
         }
+    }
+
+    /// Runs, at the same time on each CPU of `jobs` (one thread per job,
+    /// pinned to its CPU with `sched_setaffinity`), that job's frames in
+    /// order, each arriving on fx0. `next(cpu, i, previous outcomes)` gives
+    /// frame `i` of the job, `None` to end it, so a job can react to what
+    /// its own earlier runs did. Returns each job's outcomes. Threads
+    /// spawned here inherit the fixture namespace of the calling thread.
+    pub fn run_concurrently<F>(&self, cpus: &[usize], next: F) -> Result<Vec<Vec<Outcome>>>
+    where
+        F: Fn(usize, usize, &[Outcome]) -> Option<Vec<u8>> + Sync,
+    {
+        let start = std::sync::Barrier::new(cpus.len());
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = cpus
+                .iter()
+                .map(|&cpu| {
+                    let (start, next) = (&start, &next);
+                    scope.spawn(move || -> Result<Vec<Outcome>> {
+                        let mut set = nix::sched::CpuSet::new();
+                        set.set(cpu).context("CPU set")?;
+                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                            .with_context(|| format!("pin a thread to CPU {cpu}"))?;
+                        start.wait();
+                        let mut outcomes = Vec::new();
+                        while let Some(frame) = next(cpu, outcomes.len(), &outcomes) {
+                            outcomes.push(self.try_run(&frame, Ingress::Fx0)?);
+                        }
+                        Ok(outcomes)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a test-run thread panicked"))?
+                })
+                .collect()
+        })
     }
 
     /// One `BPF_PROG_TEST_RUN` of `input` arriving on `ingress`. The kernel

@@ -7,7 +7,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{ensure, Context, Result};
 use balancer_common::{
-    counter, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_CLOSING, FLOW_FIN_SEEN, SERVICE_SCHEDULER_FIRST,
+    counter, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_BACKEND_FIRST, FLOW_BOTH_FIN, FLOW_CLIENT_FIN,
+    FLOW_LAST_ACK, FLOW_REPLIED, FLOW_RESET, SERVICE_SCHEDULER_FIRST,
 };
 use balancer_tests::{
     fixture::{
@@ -235,6 +236,29 @@ fn syn_retransmission_reuses_the_snat_port() -> Result<()> {
     })
 }
 
+/// After an RST: the forward entry is gone and the reverse entry, the SNAT
+/// port's claim, is marked reset (free at once, for the CPU owning it to
+/// take over).
+fn expect_reset(dp: &Dataplane, flow: &NatFlow) -> Result<()> {
+    ensure!(
+        dp.flow(flow.client, VIP_SOCK)?.is_none(),
+        "forward entry kept after RST"
+    );
+    let rev = dp
+        .flow(flow.backend, flow.node())?
+        .context("reverse entry after RST")?;
+    ensure!(
+        rev.flags & FLOW_RESET != 0,
+        "reverse entry not reset: {rev:?}"
+    );
+    ensure!(
+        dp.flow_count()? == 1,
+        "entries left after RST: {}",
+        dp.flow_count()?
+    );
+    Ok(())
+}
+
 #[test]
 fn rst_from_the_client_forwards_then_forgets_the_flow() -> Result<()> {
     with_dataplane(|dp| {
@@ -250,11 +274,7 @@ fn rst_from_the_client_forwards_then_forgets_the_flow() -> Result<()> {
             &to_backend(&rst, &flow),
         )
         .counting(counter::FLOWS_RESET)])?;
-        ensure!(
-            dp.flow_count()? == 0,
-            "entries left after RST: {}",
-            dp.flow_count()?
-        );
+        expect_reset(dp, &flow)?;
         dp.check_table(&[
             Case::passes("ACK after RST passes unchanged", &ack).counting(counter::PASS_NO_FLOW),
             Case::passes("backend reply after RST passes unchanged", &reply)
@@ -277,11 +297,7 @@ fn rst_from_the_backend_forwards_then_forgets_the_flow() -> Result<()> {
             &to_client(&rst, &flow),
         )
         .counting(counter::FLOWS_RESET)])?;
-        ensure!(
-            dp.flow_count()? == 0,
-            "entries left after RST: {}",
-            dp.flow_count()?
-        );
+        expect_reset(dp, &flow)?;
         dp.check_table(&[Case::passes(
             "client ACK after RST passes",
             &from_client(40021, TcpFlags::ACK),
@@ -301,17 +317,16 @@ fn fin_both_ways_closes_the_flow_after_the_closing_timeout() -> Result<()> {
             Verdict::Tx,
             &to_backend(&fin, &flow),
         ))?;
-        let fwd = dp
-            .flow(flow.client, VIP_SOCK)?
-            .context("forward entry after one FIN")?;
-        let rev = dp
-            .flow(flow.backend, flow.node())?
-            .context("reverse entry after one FIN")?;
-        ensure!(
-            fwd.flags & FLOW_FIN_SEEN != 0 && fwd.flags & FLOW_CLOSING == 0,
-            "{fwd:?}"
-        );
-        ensure!(rev.flags & FLOW_CLOSING == 0, "{rev:?}");
+        for (name, e) in [
+            ("forward", dp.flow(flow.client, VIP_SOCK)?),
+            ("reverse", dp.flow(flow.backend, flow.node())?),
+        ] {
+            let e = e.with_context(|| format!("{name} entry after one FIN"))?;
+            ensure!(
+                e.flags & FLOW_BOTH_FIN == FLOW_CLIENT_FIN,
+                "{name} entry after the client's FIN: {e:?}"
+            );
+        }
 
         let bfin = from_backend(&flow, TcpFlags::FIN_ACK);
         dp.check(&Case::rewritten(
@@ -326,8 +341,9 @@ fn fin_both_ways_closes_the_flow_after_the_closing_timeout() -> Result<()> {
         ] {
             let e = e.with_context(|| format!("{name} entry after both FINs"))?;
             ensure!(
-                e.flags & FLOW_CLOSING != 0,
-                "{name} entry not closing: {e:?}"
+                e.flags & (FLOW_BOTH_FIN | FLOW_BACKEND_FIRST | FLOW_REPLIED)
+                    == FLOW_BOTH_FIN | FLOW_REPLIED,
+                "{name} entry not closing, client first: {e:?}"
             );
         }
         // Within the closing timeout the last ACK still goes through.
@@ -340,9 +356,11 @@ fn fin_both_ways_closes_the_flow_after_the_closing_timeout() -> Result<()> {
             &to_backend(&last_ack, &flow),
         ))?;
 
-        // Closing timeout 0: the next packet finds the flow expired.
+        let fwd = dp.flow(flow.client, VIP_SOCK)?.context("forward entry")?;
+        ensure!(fwd.flags & FLOW_LAST_ACK != 0, "last ACK not seen: {fwd:?}");
+        // Grace after the last ACK 0: the next packet finds the flow expired.
         let mut s = dp.settings()?;
-        s.closing_timeout_ns = 0;
+        s.holds.close_grace_ns = 0;
         dp.set_settings(s)?;
         let expired_before = dp.counter(counter::FLOWS_EXPIRED)?;
         dp.check(
@@ -350,7 +368,8 @@ fn fin_both_ways_closes_the_flow_after_the_closing_timeout() -> Result<()> {
                 .counting(counter::PASS_NO_FLOW),
         )?;
         ensure!(dp.counter(counter::FLOWS_EXPIRED)? == expired_before + 1);
-        ensure!(dp.flow_count()? == 0, "entries left: {}", dp.flow_count()?);
+        // The reverse entry stays for its owning CPU to take over.
+        ensure!(dp.flow_count()? == 1, "entries left: {}", dp.flow_count()?);
         dp.check(&Case::passes(
             "backend segment after expiry passes",
             &from_backend(&flow, TcpFlags::ACK),
@@ -378,18 +397,21 @@ fn a_new_syn_on_a_closing_tuple_opens_a_fresh_flow() -> Result<()> {
             .context("new forward entry")?;
         ensure!(fwd.flags == 0, "new flow inherited flags {:#x}", fwd.flags);
         ensure!(dp.counter(counter::FLOWS_CREATED)? == 2);
+        ensure!(new.snat != old.snat, "the closing flow's port was reused");
+        // The old reverse entry keeps its port for its closing hold.
         ensure!(
-            dp.flow_count()? == 2,
-            "entries: {} (the old reverse entry must be gone)",
+            dp.flow_count()? == 3,
+            "entries: {} (new forward and reverse, old reverse)",
             dp.flow_count()?
         );
+        ensure!(dp.flow(old.backend, old.node())?.is_some());
         Ok(())
     })
 }
 
 /// The agent's sweeper on the real table: a flow closed in both directions
-/// goes after the closing timeout, both of its entries; a live flow stays
-/// until its idle timeout.
+/// loses its forward entry after the closing hold, a live flow stays until
+/// its own hold, and reverse entries (SNAT port claims) are never deleted.
 #[test]
 fn the_agents_sweep_deletes_expired_flows_and_keeps_live_ones() -> Result<()> {
     use balancer_user::conntrack::FlowTimeouts;
@@ -405,34 +427,42 @@ fn the_agents_sweep_deletes_expired_flows_and_keeps_live_ones() -> Result<()> {
             ensure!(out.verdict == Verdict::Tx, "{name}: {:?}", out.verdict);
         }
         let hour = 3600 * 1_000_000_000;
-        let report = dp.sweep(FlowTimeouts {
+        let holds = |closing_ns, embryonic_ns| FlowTimeouts {
             idle_ns: hour,
-            closing_ns: 0,
-        });
+            closing_ns,
+            close_grace_ns: hour,
+            time_wait_ns: hour,
+            embryonic_ns,
+        };
+        let report = dp.sweep(holds(0, hour));
         ensure!(
-            report.entries == 4 && report.deleted == 2,
-            "closing timeout 0: {report:?}"
+            report.entries == 4 && report.deleted == 1,
+            "closing hold 0: {report:?}"
         );
         ensure!(
             dp.flow(closing.client, VIP_SOCK)?.is_none(),
             "closed flow kept"
         );
         ensure!(
-            dp.flow(closing.backend, closing.node())?.is_none(),
-            "closed flow's reverse entry kept"
+            dp.flow(closing.backend, closing.node())?.is_some(),
+            "closed flow's reverse entry deleted by the sweep"
         );
         ensure!(dp.flow(live.client, VIP_SOCK)?.is_some(), "live flow swept");
-        let report = dp.sweep(FlowTimeouts {
-            idle_ns: hour,
-            closing_ns: hour,
-        });
+        // The live flow's port counts as held, the closed one's not.
+        let held: u32 = report.snat_in_use.values().sum();
+        ensure!(held == 1, "ports held: {:?}", report.snat_in_use);
+        let report = dp.sweep(holds(hour, hour));
         ensure!(report.deleted == 0, "nothing expired: {report:?}");
-        let report = dp.sweep(FlowTimeouts {
-            idle_ns: 0,
-            closing_ns: 0,
-        });
-        ensure!(report.deleted == 2, "idle timeout 0: {report:?}");
-        ensure!(dp.flow_count()? == 0, "entries: {}", dp.flow_count()?);
+        // The live flow's SYN was never answered: the embryonic hold. Its
+        // port is free then; the closed flow's is held again (closing hold
+        // back to an hour).
+        let report = dp.sweep(holds(hour, 0));
+        ensure!(report.deleted == 1, "embryonic hold 0: {report:?}");
+        let held: u32 = report.snat_in_use.values().sum();
+        ensure!(held == 1, "ports held: {:?}", report.snat_in_use);
+        let report = dp.sweep(holds(0, 0));
+        ensure!(report.snat_in_use.is_empty(), "{:?}", report.snat_in_use);
+        ensure!(dp.flow_count()? == 2, "entries: {}", dp.flow_count()?);
         Ok(())
     })
 }
@@ -442,6 +472,8 @@ fn an_idle_flow_is_forgotten() -> Result<()> {
     with_dataplane(|dp| {
         dp.set_vip_service(&active_service(0, &[backend(0)]))?;
         let flow = dp.open_flow(&syn(40040))?;
+        let synack = from_backend(&flow, TcpFlags::SYN_ACK);
+        ensure!(dp.run(&synack)?.verdict == Verdict::Tx, "SYN-ACK");
         let ack = from_client(40040, TcpFlags::ACK);
         dp.check(&Case::rewritten(
             "ACK within the idle timeout",
@@ -452,13 +484,13 @@ fn an_idle_flow_is_forgotten() -> Result<()> {
         // The data plane's clock has tick resolution (bpf_ktime_get_coarse_ns),
         // so a timeout of zero is the only one sure to have passed already.
         let mut s = dp.settings()?;
-        s.idle_timeout_ns = 0;
+        s.holds.idle_ns = 0;
         dp.set_settings(s)?;
         dp.check(
             &Case::passes("ACK after the idle timeout passes unchanged", &ack)
                 .counting(counter::FLOWS_EXPIRED),
         )?;
-        ensure!(dp.flow_count()? == 0, "entries left: {}", dp.flow_count()?);
+        ensure!(dp.flow_count()? == 1, "entries left: {}", dp.flow_count()?);
         dp.check(&Case::passes(
             "backend reply after expiry passes",
             &from_backend(&flow, TcpFlags::ACK),
@@ -864,14 +896,23 @@ fn inactive_holder_passes_vip_traffic_unchanged() -> Result<()> {
     })
 }
 
+/// Sets an SNAT range in which this CPU's partition holds exactly `per_cpu`
+/// ports, and returns them in cursor order.
+fn partition_of_size(dp: &mut Dataplane, per_cpu: u16) -> Result<Vec<u16>> {
+    let mut s = dp.settings()?;
+    let parts = s.snat_partitions.max(1) as u16;
+    s.snat_port_min = 40000;
+    s.snat_port_max = 40000 + parts * per_cpu - 1;
+    dp.set_settings(s)?;
+    let cpu = dp.cpu as u16;
+    Ok((0..per_cpu).map(|k| 40000 + cpu + k * parts).collect())
+}
+
 #[test]
 fn snat_exhaustion_is_counted_and_never_reuses_a_port_in_use() -> Result<()> {
     with_dataplane(|dp| {
         dp.set_vip_service(&active_service(0, &[backend(0)]))?;
-        let mut s = dp.settings()?;
-        s.snat_port_min = 40000;
-        s.snat_port_max = 40003;
-        dp.set_settings(s)?;
+        let mine = partition_of_size(dp, 4)?;
         let mut in_use: BTreeMap<u16, u16> = BTreeMap::new(); // snat -> client port
         for cport in 50001..=50004 {
             let f = dp.open_flow(&syn(cport))?;
@@ -881,10 +922,14 @@ fn snat_exhaustion_is_counted_and_never_reuses_a_port_in_use() -> Result<()> {
                 f.snat
             );
         }
-        ensure!(in_use.keys().copied().eq(40000..=40003), "ports {in_use:?}");
+        // Only this CPU's partition, in cursor order.
+        ensure!(
+            in_use.keys().copied().eq(mine.iter().copied()),
+            "ports {in_use:?}, partition {mine:?}"
+        );
         dp.check(
             &Case::new(
-                "5th SYN with 4 SNAT ports in use",
+                "5th SYN with the 4 ports of this CPU in use",
                 &syn(50005),
                 Verdict::Drop,
                 Expected::Unchanged,
@@ -909,12 +954,14 @@ fn snat_exhaustion_is_counted_and_never_reuses_a_port_in_use() -> Result<()> {
                 out.verdict
             );
             in_use.remove(&freed);
+            let reclaimed = dp.counter(counter::SNAT_RECLAIMED)?;
             let f = dp.open_flow(&syn(next_client))?;
             ensure!(
                 f.snat == freed,
                 "round {round}: freed {freed}, new flow got {}",
                 f.snat
             );
+            ensure!(dp.counter(counter::SNAT_RECLAIMED)? == reclaimed + 1);
             in_use.insert(f.snat, next_client);
             next_client += 1;
             dp.check(
@@ -931,6 +978,185 @@ fn snat_exhaustion_is_counted_and_never_reuses_a_port_in_use() -> Result<()> {
         ensure!(dp.flow_count()? == 8, "entries: {}", dp.flow_count()?);
         Ok(())
     })
+}
+
+/// Which hold of [`balancer_common::HoldTimes`] a state is under.
+type HoldField = fn(&mut balancer_common::HoldTimes) -> &mut u64;
+
+/// One SNAT port for this CPU and one flow holding it, driven through
+/// `close` (frames run in order, each must be forwarded) into a state with
+/// reverse-entry flags `expect_flags`. With every other hold 0 and this
+/// state's (`hold`) an hour, a new SYN is dropped for want of a port: the
+/// port is held by exactly this state's rule. With `hold` 0 too, the next
+/// SYN gets the port, taken over from the old flow. `hold: None`: the state
+/// frees the port at once, whatever the holds.
+fn port_held_by(
+    name: &'static str,
+    close: fn(&NatFlow) -> Vec<Frame>,
+    expect_flags: u32,
+    hold: Option<HoldField>,
+) -> Result<()> {
+    const HOUR: u64 = 3_600_000_000_000;
+    with_dataplane(move |dp| {
+        dp.set_vip_service(&active_service(0, &[backend(0)]))?;
+        let mine = partition_of_size(dp, 1)?;
+        let flow = dp.open_flow(&syn(42001))?;
+        ensure!(
+            flow.snat == mine[0],
+            "{name}: got {}, partition {mine:?}",
+            flow.snat
+        );
+        for frame in close(&flow) {
+            let out = dp.run(&frame)?;
+            ensure!(
+                out.verdict == Verdict::Tx,
+                "{name}: {:?} for {frame:?}",
+                out.verdict
+            );
+        }
+        let rev = dp
+            .flow(flow.backend, flow.node())?
+            .with_context(|| format!("{name}: reverse entry"))?;
+        ensure!(
+            rev.flags == expect_flags,
+            "{name}: flags {:#x}, expected {expect_flags:#x}",
+            rev.flags
+        );
+        let mut s = dp.settings()?;
+        s.holds = balancer_common::HoldTimes::default();
+        if let Some(field) = hold {
+            *field(&mut s.holds) = HOUR;
+            dp.set_settings(s)?;
+            dp.check(
+                &Case::new(
+                    format!("{name}: SYN while the port is held"),
+                    &syn(42002),
+                    Verdict::Drop,
+                    Expected::Unchanged,
+                )
+                .counting(counter::DROP_SNAT_EXHAUSTED),
+            )?;
+            *field(&mut s.holds) = 0;
+        }
+        // Idle 0 as well would not show which rule freed the port; an
+        // hour keeps it out of the reset case.
+        if hold.is_none() {
+            s.holds = balancer_common::HoldTimes {
+                idle_ns: HOUR,
+                closing_ns: HOUR,
+                close_grace_ns: HOUR,
+                time_wait_ns: HOUR,
+                embryonic_ns: HOUR,
+            };
+        }
+        dp.set_settings(s)?;
+        let reclaimed = dp.counter(counter::SNAT_RECLAIMED)?;
+        let next = dp.open_flow(&syn(42003))?;
+        ensure!(next.snat == flow.snat, "{name}: new flow got {}", next.snat);
+        ensure!(dp.counter(counter::SNAT_RECLAIMED)? == reclaimed + 1);
+        let fresh = dp
+            .flow(next.backend, next.node())?
+            .with_context(|| format!("{name}: new reverse entry"))?;
+        ensure!(
+            fresh.flags == 0 && fresh.nat_dport == 42003u16.to_be(),
+            "{name}: new reverse entry {fresh:?}"
+        );
+        Ok(())
+    })
+}
+
+fn handshake(flow: &NatFlow) -> Vec<Frame> {
+    vec![
+        from_backend(flow, TcpFlags::SYN_ACK),
+        from_client(flow.client.1, TcpFlags::ACK),
+    ]
+}
+
+#[test]
+fn an_unanswered_syn_holds_its_port_for_the_embryonic_timeout() -> Result<()> {
+    port_held_by(
+        "unanswered SYN",
+        |_| vec![],
+        0,
+        Some(|h| &mut h.embryonic_ns),
+    )
+}
+
+#[test]
+fn an_answered_flow_holds_its_port_for_the_idle_timeout() -> Result<()> {
+    port_held_by(
+        "answered, idle",
+        handshake,
+        FLOW_REPLIED,
+        Some(|h| &mut h.idle_ns),
+    )
+}
+
+#[test]
+fn client_closing_first_holds_until_the_final_ack_then_a_short_grace() -> Result<()> {
+    port_held_by(
+        "client FIN, backend FIN, no final ACK",
+        |f| {
+            let mut v = handshake(f);
+            v.push(from_client(f.client.1, TcpFlags::FIN_ACK));
+            v.push(from_backend(f, TcpFlags::FIN_ACK));
+            v
+        },
+        FLOW_REPLIED | FLOW_BOTH_FIN,
+        Some(|h| &mut h.closing_ns),
+    )?;
+    port_held_by(
+        "client FIN, backend FIN, final ACK",
+        |f| {
+            let mut v = handshake(f);
+            v.push(from_client(f.client.1, TcpFlags::FIN_ACK));
+            v.push(from_backend(f, TcpFlags::FIN_ACK));
+            v.push(from_client(f.client.1, TcpFlags::ACK));
+            v
+        },
+        FLOW_REPLIED | FLOW_BOTH_FIN | FLOW_LAST_ACK,
+        Some(|h| &mut h.close_grace_ns),
+    )
+}
+
+#[test]
+fn backend_closing_first_holds_its_port_for_the_backends_time_wait() -> Result<()> {
+    port_held_by(
+        "backend FIN, client FIN, backend ACK",
+        |f| {
+            let mut v = handshake(f);
+            v.push(from_backend(f, TcpFlags::FIN_ACK));
+            v.push(from_client(f.client.1, TcpFlags::FIN_ACK));
+            v.push(from_backend(f, TcpFlags::ACK));
+            v
+        },
+        FLOW_REPLIED | FLOW_BOTH_FIN | FLOW_BACKEND_FIRST,
+        Some(|h| &mut h.time_wait_ns),
+    )
+}
+
+#[test]
+fn rst_either_way_frees_the_port_at_once() -> Result<()> {
+    port_held_by(
+        "client RST",
+        |f| {
+            let mut v = handshake(f);
+            v.push(from_client(f.client.1, TcpFlags::RST_ACK));
+            v
+        },
+        FLOW_REPLIED | FLOW_RESET,
+        None,
+    )?;
+    port_held_by(
+        "backend RST",
+        |f| {
+            let mut v = handshake(f);
+            v.push(from_backend(f, TcpFlags::RST));
+            v
+        },
+        FLOW_REPLIED | FLOW_RESET,
+        None,
+    )
 }
 
 #[test]
@@ -1027,6 +1253,244 @@ fn scheduler_first_sends_every_new_connection_to_the_first_ready_backend() -> Re
         ensure!(dp.backend_stats(4, 0)?.new_flows == 6);
         ensure!(dp.backend_stats(4, 1)?.new_flows == 4);
         ensure!(dp.backend_stats(4, 2)?.new_flows == 0);
+        Ok(())
+    })
+}
+
+/// Every online CPU creates flows at once, each from its own thread pinned
+/// there, and resets each flow once `WINDOW` newer ones exist, so ports are
+/// freed and taken over on every CPU at the same time. No port may ever be
+/// handed to two live flows: each CPU gets only ports of its own partition,
+/// within a CPU a port goes to a new flow only after its holder was reset,
+/// and at the end the table holds one live flow per (backend, port).
+#[test]
+fn concurrent_cpus_never_hand_one_port_to_two_live_flows() -> Result<()> {
+    const WINDOW: usize = 24;
+    with_dataplane(|dp| {
+        dp.set_vip_service(&active_service(0, &[backend(0), backend(1)]))?;
+        // 16 ports per CPU and backend; at most 13 live per CPU and backend.
+        partition_of_size(dp, 16)?;
+        let s = dp.settings()?;
+        let parts = s.snat_partitions as usize;
+        let cpus: Vec<usize> = aya::util::online_cpus()
+            .map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?
+            .into_iter()
+            .map(|c| c as usize)
+            .filter(|c| *c < parts)
+            .collect();
+        ensure!(!cpus.is_empty(), "no online CPU");
+        // Client ports: a block per CPU.
+        let block = 60_000 / (cpus.iter().max().unwrap() + 1);
+        let syns = block.min(3000);
+        let cport = |cpu: usize, i: usize| (2000 + cpu * block + i) as u16;
+        // Frame `idx` of a CPU: SYN 0..WINDOW, then SYN i and RST of flow
+        // i - WINDOW alternately.
+        let step = |idx: usize| -> (bool, usize) {
+            if idx < WINDOW {
+                (true, idx)
+            } else {
+                let j = idx - WINDOW;
+                if j.is_multiple_of(2) {
+                    (true, WINDOW + j / 2)
+                } else {
+                    (false, j / 2)
+                }
+            }
+        };
+        let total = WINDOW + 2 * (syns - WINDOW);
+        let reclaimed = dp.counter(counter::SNAT_RECLAIMED)?;
+        let results = dp.run_concurrently(&cpus, |cpu, idx, _| {
+            if idx >= total {
+                return None;
+            }
+            Some(match step(idx) {
+                (true, i) => syn(cport(cpu, i)).build(),
+                (false, i) => from_client(cport(cpu, i), TcpFlags::RST).build(),
+            })
+        })?;
+
+        let mut live_total = BTreeMap::new(); // (backend, port) -> client port
+        for (cpu, outcomes) in cpus.iter().zip(&results) {
+            ensure!(
+                outcomes.len() == total,
+                "CPU {cpu}: {} runs",
+                outcomes.len()
+            );
+            let mut live: BTreeMap<(Ipv4Addr, u16), u16> = BTreeMap::new();
+            let mut by_flow: BTreeMap<usize, (Ipv4Addr, u16)> = BTreeMap::new();
+            for (idx, out) in outcomes.iter().enumerate() {
+                let (is_syn, i) = step(idx);
+                if !is_syn {
+                    if let Some(held) = by_flow.remove(&i) {
+                        ensure!(
+                            out.verdict == Verdict::Tx,
+                            "CPU {cpu}: RST {i}: {:?}",
+                            out.verdict
+                        );
+                        live.remove(&held);
+                    }
+                    continue;
+                }
+                ensure!(
+                    out.verdict == Verdict::Tx,
+                    "CPU {cpu}: SYN {i}: {:?} (with at most 13 live flows per backend)",
+                    out.verdict
+                );
+                let view = FrameView::parse(&out.frame)?;
+                let ip = view.ipv4.context("IPv4")?;
+                let port = ip.tcp.context("TCP")?.sport;
+                ensure!(
+                    (port - s.snat_port_min) as usize % parts == *cpu,
+                    "CPU {cpu} got port {port}, of another CPU's partition"
+                );
+                let held = (ip.dst, port);
+                if let Some(other) = live.insert(held, cport(*cpu, i)) {
+                    anyhow::bail!(
+                        "CPU {cpu}: {held:?} given to {} while {other} holds it",
+                        cport(*cpu, i)
+                    );
+                }
+                by_flow.insert(i, held);
+            }
+            for (held, client) in live {
+                ensure!(
+                    live_total.insert(held, client).is_none(),
+                    "{held:?} live on two CPUs"
+                );
+            }
+        }
+        // The table agrees: one forward entry per live flow, each pointing
+        // at its own port, whose reverse entry points back.
+        for (&(backend_addr, port), &client_port) in &live_total {
+            let fwd = dp
+                .flow(client(client_port), VIP_SOCK)?
+                .with_context(|| format!("no forward entry for {client_port}"))?;
+            ensure!(
+                (host_addr(fwd.nat_daddr), u16::from_be(fwd.nat_sport)) == (backend_addr, port),
+                "forward entry of {client_port}: {fwd:?}"
+            );
+            let rev = dp
+                .flow((backend_addr, BACKEND_PORT), (NODE, port))?
+                .with_context(|| format!("no reverse entry for {port}"))?;
+            ensure!(
+                u16::from_be(rev.nat_dport) == client_port && rev.flags & FLOW_RESET == 0,
+                "reverse entry of {port}: {rev:?}"
+            );
+        }
+        let created = dp.counter(counter::FLOWS_CREATED)?;
+        ensure!(
+            created == (syns * cpus.len()) as u64,
+            "{created} flows created"
+        );
+        ensure!(
+            dp.counter(counter::SNAT_RECLAIMED)? > reclaimed,
+            "no port was taken over: the test did not exercise reclaim"
+        );
+        ensure!(live_total.len() == WINDOW * cpus.len());
+        Ok(())
+    })
+}
+
+/// The node's own outgoing connection to a backend's KeyDB port (KeyDB's
+/// replication link to its peer) uses a port of the node's
+/// `ip_local_port_range`, which the SNAT range never overlaps (the config
+/// refuses it): its replies pass to the stack untouched while NATed flows to
+/// the same backend:port run beside it.
+#[test]
+fn the_nodes_own_connection_to_a_backend_coexists_with_snat_flows() -> Result<()> {
+    with_dataplane(|dp| {
+        dp.set_vip_service(&active_service(0, &[backend(0)]))?;
+        let nated = dp.open_flow(&syn(43001))?;
+        // Linux's default ip_local_port_range is 32768-60999; the fixtures'
+        // SNAT range 20000-29999 is outside it.
+        let own = (NODE, 45000);
+        let s = dp.settings()?;
+        ensure!(!(s.snat_port_min..=s.snat_port_max).contains(&own.1));
+        let own_reply = |flags| {
+            Frame::tcp(mac_of(backend(0)), FX0_MAC, nated.backend, own, flags)
+                .map_tcp(|t| t.with_seq(9001).with_ack(7001))
+        };
+        dp.check_table(&[
+            Case::passes(
+                "SYN-ACK to the node's own connection",
+                &own_reply(TcpFlags::SYN_ACK),
+            )
+            .counting(counter::PASS_NOT_SERVICE),
+            Case::passes(
+                "data to the node's own connection",
+                &own_reply(TcpFlags::PSH_ACK),
+            )
+            .counting(counter::PASS_NOT_SERVICE),
+            Case::passes(
+                "FIN to the node's own connection",
+                &own_reply(TcpFlags::FIN_ACK),
+            )
+            .counting(counter::PASS_NOT_SERVICE),
+        ])?;
+        // The NATed flow beside it is untouched and still translated.
+        let reply = from_backend(&nated, TcpFlags::SYN_ACK);
+        dp.check(&Case::rewritten(
+            "reply of the NATed flow to the same backend",
+            &reply,
+            Verdict::Tx,
+            &to_client(&reply, &nated),
+        ))?;
+        ensure!(dp.flow_count()? == 2, "entries: {}", dp.flow_count()?);
+        Ok(())
+    })
+}
+
+/// With an extra SNAT address, new flows take the node's address and it in
+/// turn, each with the whole port range per backend: one port of this
+/// CPU's partition serves two flows to the same backend at once, and the
+/// replies to either address are translated back.
+#[test]
+fn a_second_snat_address_doubles_the_ports_per_backend() -> Result<()> {
+    const EXTRA: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+    with_dataplane(|dp| {
+        dp.set_vip_service(&active_service(0, &[backend(0)]))?;
+        let mine = partition_of_size(dp, 1)?;
+        let mut s = dp.settings()?;
+        s.snat_addrs[0] = balancer_tests::fixture::net_addr(EXTRA);
+        s.snat_addr_count = 1;
+        dp.set_settings(s)?;
+        let first = dp.open_flow(&syn(44001))?;
+        let second = dp.open_flow(&syn(44002))?;
+        ensure!(
+            first.snat == mine[0] && second.snat == mine[0],
+            "{first:?} {second:?}"
+        );
+        let src = |f: &NatFlow| -> Result<Ipv4Addr> {
+            Ok(FrameView::parse(&f.output.frame)?.ipv4.context("IPv4")?.src)
+        };
+        ensure!(src(&first)? == NODE, "first from {}", src(&first)?);
+        ensure!(src(&second)? == EXTRA, "second from {}", src(&second)?);
+        dp.check(
+            &Case::new(
+                "third SYN: the node's address has no port left",
+                &syn(44003),
+                Verdict::Drop,
+                Expected::Unchanged,
+            )
+            .counting(counter::DROP_SNAT_EXHAUSTED),
+        )?;
+        // The reply to the extra address goes back to the second client.
+        let reply = Frame::tcp(
+            mac_of(backend(0)),
+            FX0_MAC,
+            second.backend,
+            (EXTRA, second.snat),
+            TcpFlags::SYN_ACK,
+        );
+        dp.check(
+            &Case::rewritten(
+                "reply to the extra SNAT address",
+                &reply,
+                Verdict::Tx,
+                &reply.translated(FX0_MAC, CLIENT_MAC, VIP_SOCK, second.client),
+            )
+            .counting(counter::REVERSED),
+        )?;
         Ok(())
     })
 }

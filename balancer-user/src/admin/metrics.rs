@@ -388,6 +388,21 @@ pub fn render(status: &Status) -> String {
         "Entries in the conntrack table (two per NATed flow), as of the last sweep.",
         [(none(), status.dataplane.conntrack_entries as i64)],
     );
+    let snat = &status.dataplane.snat;
+    m.gauge(
+        "snat_ports_in_use",
+        "SNAT ports held towards the backend (live flows and ports resting after a close), as of the last sweep; drops for want of one are xdp_events{event=\"drop_snat_exhausted\"}.",
+        snat.backends
+            .iter()
+            .map(|b| (vec![("backend", b.backend.clone())], i64::from(b.in_use))),
+    );
+    m.gauge(
+        "snat_ports_free",
+        "SNAT ports free towards the backend, as of the last sweep.",
+        snat.backends
+            .iter()
+            .map(|b| (vec![("backend", b.backend.clone())], i64::from(b.free))),
+    );
     m.text()
 }
 
@@ -666,6 +681,11 @@ mod tests {
             7.0
         );
         assert_eq!(value(&text, "balancer_conntrack_entries", &[]), 2.0);
+        let n2 = [("backend", "198.18.0.2:6380")];
+        assert_eq!(value(&text, "balancer_snat_ports_in_use", &n2), 12.0);
+        assert_eq!(value(&text, "balancer_snat_ports_free", &n2), 31732.0);
+        let n3 = [("backend", "198.18.0.3:6380")];
+        assert_eq!(value(&text, "balancer_snat_ports_free", &n3), 31744.0);
         assert!(sample(
             &text,
             "balancer_agent_info",

@@ -26,6 +26,7 @@
 //! change, the health monitor its report after each check.
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -56,7 +57,7 @@ pub mod status;
 
 use self::{
     socket::{AdminSocket, SocketError, SocketFile},
-    status::{AdvertInfo, AgentFacts, ElectionInput, Status, StatusInputs},
+    status::{AdvertInfo, AgentFacts, ElectionInput, SnatInputs, Status, StatusInputs},
 };
 
 /// How long a status may wait for the interface's address list.
@@ -123,6 +124,11 @@ pub struct AgentStatus {
     pub drains: tokio::sync::mpsc::Sender<crate::health::monitor::DrainRequest>,
     /// Entries the last conntrack sweep left.
     pub conntrack_entries: watch::Receiver<usize>,
+    /// The SNAT range and the remote backends; `in_use` is filled from
+    /// `snat_in_use`.
+    pub snat: SnatInputs,
+    /// SNAT ports held per backend at the last sweep.
+    pub snat_in_use: watch::Receiver<BTreeMap<SocketAddrV4, u32>>,
     /// The path check's verdicts on remote backends.
     pub paths: watch::Receiver<PathReport>,
     pub maps: PinnedMaps,
@@ -205,6 +211,10 @@ impl StatusProvider for AgentStatus {
             snapshot: &snapshot,
             paths: &paths,
             conntrack_entries: *self.conntrack_entries.borrow(),
+            snat: SnatInputs {
+                in_use: self.snat_in_use.borrow().clone(),
+                ..self.snat.clone()
+            },
             warnings,
         }))
     }

@@ -260,6 +260,77 @@ pub struct DataplaneInfo {
     /// Entries in the conntrack table (two per NATed flow), as of the last
     /// sweep (every 10 s).
     pub conntrack_entries: usize,
+    /// SNAT ports in use and free per remote backend, as of the last sweep.
+    #[serde(default)]
+    pub snat: SnatInfo,
+}
+
+/// The SNAT range and its use. Each remote backend has the whole range to
+/// itself (the port space is per backend), so free = ports - in use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnatInfo {
+    pub port_min: u16,
+    pub port_max: u16,
+    /// SNAT source addresses: the node's and `snat_addresses`.
+    #[serde(default)]
+    pub addresses: u32,
+    /// Ports in the range times addresses: what each backend can hold at
+    /// once.
+    pub ports: u32,
+    pub backends: Vec<SnatBackend>,
+}
+
+/// SNAT ports of one remote backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnatBackend {
+    pub backend: String,
+    /// Ports whose reverse entry is within its hold (live flows and ports
+    /// resting after a close).
+    pub in_use: u32,
+    pub free: u32,
+}
+
+/// The SNAT side of [`StatusInputs`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnatInputs {
+    pub port_min: u16,
+    pub port_max: u16,
+    /// SNAT source addresses (at least the node's).
+    pub addresses: u32,
+    /// Every remote backend, listed even with no port in use.
+    pub remote_backends: Vec<SocketAddrV4>,
+    /// Ports held per backend at the last sweep.
+    pub in_use: BTreeMap<SocketAddrV4, u32>,
+}
+
+impl SnatInputs {
+    fn info(&self) -> SnatInfo {
+        let addresses = self.addresses.max(1);
+        let ports = if self.port_max >= self.port_min {
+            (u32::from(self.port_max) - u32::from(self.port_min) + 1) * addresses
+        } else {
+            0
+        };
+        let mut all: BTreeMap<SocketAddrV4, u32> =
+            self.remote_backends.iter().map(|b| (*b, 0)).collect();
+        for (b, n) in &self.in_use {
+            *all.entry(*b).or_default() += n;
+        }
+        SnatInfo {
+            port_min: self.port_min,
+            port_max: self.port_max,
+            addresses,
+            ports,
+            backends: all
+                .into_iter()
+                .map(|(b, in_use)| SnatBackend {
+                    backend: b.to_string(),
+                    in_use,
+                    free: ports.saturating_sub(in_use),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// What does not change while the agent runs.
@@ -300,6 +371,7 @@ pub struct StatusInputs<'a> {
     /// The path check's verdicts on remote backends.
     pub paths: &'a PathReport,
     pub conntrack_entries: usize,
+    pub snat: SnatInputs,
     pub warnings: Vec<String>,
 }
 
@@ -448,6 +520,7 @@ impl Status {
                     .map(|(name, v)| (name.to_string(), *v))
                     .collect(),
                 conntrack_entries: inputs.conntrack_entries,
+                snat: inputs.snat.info(),
             },
             warnings: inputs.warnings,
         }
@@ -648,6 +721,27 @@ pub fn render_text(status: &Status, now: f64) -> String {
         "Data plane conntrack entries: {} (at the last sweep)",
         status.dataplane.conntrack_entries
     );
+    let snat = &status.dataplane.snat;
+    let exhausted = status
+        .dataplane
+        .counters
+        .get(
+            balancer_common::counter::NAMES[balancer_common::counter::DROP_SNAT_EXHAUSTED as usize],
+        )
+        .copied()
+        .unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "           SNAT ports {}-{} on {} address(es) ({} per backend); SYNs dropped for want of a port: {exhausted}",
+        snat.port_min, snat.port_max, snat.addresses, snat.ports
+    );
+    for b in &snat.backends {
+        let _ = writeln!(
+            out,
+            "             {:<21} in use {:>6}, free {:>6}",
+            b.backend, b.in_use, b.free
+        );
+    }
     let _ = writeln!(
         out,
         "           counters: {}",
@@ -868,6 +962,13 @@ pub(crate) mod tests {
             snapshot: &snapshot,
             paths: &paths,
             conntrack_entries: 2,
+            snat: SnatInputs {
+                port_min: 1024,
+                port_max: 32767,
+                addresses: 1,
+                remote_backends: vec![addr(N2), "198.18.0.3:6380".parse().unwrap()],
+                in_use: BTreeMap::from([(addr(N2), 12)]),
+            },
             warnings: vec![],
         })
     }
@@ -900,6 +1001,32 @@ pub(crate) mod tests {
         assert!(b2.path.is_some_and(|p| p.is_failing()));
         assert_eq!(s.dataplane.counters.get("forwarded"), Some(&7));
         assert_eq!(s.dataplane.conntrack_entries, 2);
+        let snat = &s.dataplane.snat;
+        assert_eq!(
+            (snat.port_min, snat.port_max, snat.ports),
+            (1024, 32767, 31744)
+        );
+        assert_eq!(
+            snat.backends,
+            vec![
+                SnatBackend {
+                    backend: N2.to_string(),
+                    in_use: 12,
+                    free: 31732
+                },
+                SnatBackend {
+                    backend: "198.18.0.3:6380".into(),
+                    in_use: 0,
+                    free: 31744
+                },
+            ]
+        );
+        let text = render_text(&s, unix_seconds(at(60)));
+        assert!(
+            text.contains("SNAT ports 1024-32767 on 1 address(es) (31744 per backend)")
+                && text.contains(&format!("{N2:<21} in use     12, free  31732")),
+            "{text}"
+        );
     }
 
     #[test]
@@ -940,6 +1067,7 @@ pub(crate) mod tests {
             snapshot: &snapshot,
             paths: &PathReport::new(),
             conntrack_entries: 0,
+            snat: SnatInputs::default(),
             warnings: vec!["cannot list the addresses of eth0".into()],
         });
         assert_eq!(

@@ -561,6 +561,67 @@ fn measure_in(dp: &mut Dataplane, plan: PacketCostPlan) -> Result<PacketCost> {
     });
     dp.clear_flows()?;
 
+    // New flows once the range has wrapped, the common case under churn:
+    // every port of this CPU's partition is held by a flow past its hold
+    // (unanswered SYNs with an embryonic hold of 0), so each SYN takes one
+    // over from the CPU's cursor. A partition of 64 ports per backend is
+    // filled by the first 1,024 SYNs (untimed), then every timed SYN must
+    // count one `snat_reclaimed`.
+    let parts = dp.settings()?.snat_partitions.max(1) as u16;
+    let mut wrapped = dp.settings()?;
+    wrapped.snat_port_min = 1024;
+    wrapped.snat_port_max = 1024 + 64 * parts - 1;
+    wrapped.holds.embryonic_ns = 0;
+    dp.set_settings(wrapped)?;
+    let syn_from = |port: u32| {
+        frame(
+            Tuple {
+                src: (CLIENT, (1024 + port % ports) as u16),
+                dst: (NEW_FLOW_VIP, VIP_PORT),
+            },
+            TcpFlags::SYN,
+            &[],
+        )
+        .build()
+    };
+    let fill = 64 * MAX_BACKENDS as u32;
+    for i in 0..fill {
+        let r = dp.timed_run(names::PROG_BALANCER, &syn_from(i), Ingress::Fx0, 1)?;
+        ensure!(
+            r.outcome.verdict == Verdict::Tx,
+            "filling SYN {i}: {:?}",
+            r.outcome.verdict
+        );
+    }
+    let reclaimed = dp.counter(counter::SNAT_RECLAIMED)?;
+    let created = dp.counter(counter::FLOWS_CREATED)?;
+    let wrap_ns = single_mean(
+        dp,
+        names::PROG_BALANCER,
+        n,
+        |i| syn_from(fill + i),
+        |_, _| Ok(()),
+        Verdict::Tx,
+    )?;
+    let reclaimed = dp.counter(counter::SNAT_RECLAIMED)? - reclaimed;
+    let created = dp.counter(counter::FLOWS_CREATED)? - created;
+    ensure!(
+        created == u64::from(n) && reclaimed == u64::from(n),
+        "{n} SYNs on a wrapped range: {created} flows created, {reclaimed} ports taken over"
+    );
+    cases.push(CaseCost {
+        name: "new-flow SYN taking over a port past its hold",
+        short: "new flow, reclaim",
+        method: Method::Single,
+        runs: u64::from(n),
+        ns: wrap_ns,
+        pass_ns,
+        check: format!(
+            "flows_created +{n}, snat_reclaimed +{n}; 16 remote backends, 64 ports per CPU and backend"
+        ),
+    });
+    dp.clear_flows()?;
+
     let (xlated_bytes, jited_bytes) = program_sizes(dp);
     Ok(PacketCost {
         plan,
