@@ -152,6 +152,7 @@ fn check_pages(lab: &mut Lab) -> Result<()> {
             format!("VIP {VIP} held"),
             ready(1, true),
             ready(2, false),
+            format!("remote backend SNAT ports in use free {}", backend(2)),
         ],
     )?;
     wait_for_page(

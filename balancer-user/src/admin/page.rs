@@ -225,12 +225,33 @@ pub fn render(status: &Status, now: f64) -> String {
         );
     }
 
+    let snat = &status.dataplane.snat;
     let _ = write!(
         out,
         "<h2>Data plane</h2><p>conntrack entries: {} (two per forwarded flow, at the last sweep)</p>\
-         <table><tr><th>counter</th><th>value</th></tr>",
-        status.dataplane.conntrack_entries
+         <p>SNAT ports {}-{} on {} address(es), {} per remote backend</p>",
+        status.dataplane.conntrack_entries,
+        snat.port_min,
+        snat.port_max,
+        snat.addresses,
+        snat.ports
     );
+    if !snat.backends.is_empty() {
+        out.push_str(
+            "<table><tr><th>remote backend</th><th>SNAT ports in use</th><th>free</th></tr>",
+        );
+        for b in &snat.backends {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+                esc(&b.backend),
+                b.in_use,
+                b.free
+            );
+        }
+        out.push_str("</table><p></p>");
+    }
+    out.push_str("<table><tr><th>counter</th><th>value</th></tr>");
     for (name, value) in &status.dataplane.counters {
         let class = if *value > 0 && name.starts_with("drop") {
             " class=\"warn\""
@@ -353,6 +374,7 @@ mod tests {
             "Service 198.18.0.100:6380 (active, scheduler round_robin)",
             "198.18.0.2:6380 remote DOWN no",
             "connection refused",
+            "SNAT ports",
             "Recent changes",
         ] {
             assert!(shown.contains(want), "{want:?} not in {shown}");
