@@ -101,6 +101,13 @@ struct Observed {
     survivor_loading: Option<(f64, f64)>,
     /// The survivor was in the VIP holder's READY set while loading.
     survivor_served_while_loading: bool,
+    /// Direct GETs of a dataset key / SETs on the survivor while it was
+    /// loading: GETs answered right, answered wrong, refused with an error
+    /// (`-LOADING`); SETs answered, refused.
+    loading_gets: [u64; 3],
+    loading_sets: [u64; 2],
+    /// A line of `balancer status` naming how far node 1 was behind.
+    status_line: Option<String>,
 }
 
 /// One command on a new connection through the VIP.
@@ -323,11 +330,29 @@ fn trial(server: &std::path::Path, number: usize) -> Result<Counts> {
                     }
                 }
             }
+            if seen.status_line.is_none() {
+                if let Ok(text) = lab.balancer_status(2, false) {
+                    seen.status_line = text
+                        .lines()
+                        .find(|l| l.contains("catching up:") && l.contains(" behind "))
+                        .map(|l| l.trim().to_string());
+                }
+            }
             if let Ok(p) = lab.keydb_info(2, "persistence") {
                 if info_field(&p, "loading") == Some("1") {
                     let at = t0.elapsed().as_secs_f64();
                     let from = seen.survivor_loading.map_or(at, |(f, _)| f);
                     seen.survivor_loading = Some((from, at));
+                    // What clients would get from it right now.
+                    let get = lab.keydb_command(2, &["GET", "key:1"]);
+                    let outcome = match get {
+                        Ok(v) if v.as_text().as_deref() == Some("value:1") => 0,
+                        Ok(_) => 1,
+                        Err(_) => 2,
+                    };
+                    seen.loading_gets[outcome] += 1;
+                    let set = lab.keydb_command(2, &["SET", "loading-probe", "1"]);
+                    seen.loading_sets[usize::from(set.is_err())] += 1;
                     if let Ok(Some(holder)) = lab.vip_holder() {
                         seen.survivor_served_while_loading |=
                             backend_state(&lab, holder, 2).is_some_and(|(_, s)| s);
@@ -408,8 +433,10 @@ fn trial(server: &std::path::Path, number: usize) -> Result<Counts> {
             n[usize::from(write) * 2 + usize::from(!ok)] += 1;
         }
         format!(
-            "survivor loading {:.2}–{:.2} s (client clock), in the holder's set: {}; meanwhile reads {} ok / {} failed, writes {} ok / {} failed",
-            from, to, seen.survivor_served_while_loading, n[0], n[1], n[2], n[3]
+            "survivor loading {:.2}–{:.2} s (client clock), in the holder's set: {}; meanwhile client reads {} ok / {} failed, writes {} ok / {} failed; direct to the loading survivor: GET {} right / {} wrong / {} refused, SET {} answered / {} refused",
+            from, to, seen.survivor_served_while_loading, n[0], n[1], n[2], n[3],
+            seen.loading_gets[0], seen.loading_gets[1], seen.loading_gets[2],
+            seen.loading_sets[0], seen.loading_sets[1]
         )
     });
     println!(
@@ -424,6 +451,9 @@ fn trial(server: &std::path::Path, number: usize) -> Result<Counts> {
         seen.both_ready.as_secs_f64(),
         while_loading.unwrap_or_else(|| "survivor not seen loading".into()),
     );
+    if let Some(line) = &seen.status_line {
+        println!("trial {number}: node 2's `balancer status` said: {line}");
+    }
     Ok(counts)
 }
 
