@@ -916,6 +916,11 @@ impl Lab {
                 std::io::Error::last_os_error()
             );
         }
+        if signal == libc::SIGSTOP {
+            // kill(2) returns before every thread has stopped; KeyDB's
+            // threads can still answer a command sent right after it.
+            wait_until_stopped(server.id())?;
+        }
         Ok(())
     }
 
@@ -1239,6 +1244,34 @@ impl Drop for Lab {
         // Namespaces, then the bpffs (anything still pinned goes with it),
         // then the temp directory: field drops, in this order.
         self.nodes.clear();
+    }
+}
+
+/// Waits until every thread of process `pid` is stopped (state `T` in
+/// `/proc/<pid>/task/*/stat`).
+fn wait_until_stopped(pid: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("list the threads of {pid}"))?;
+        let mut all = true;
+        for task in tasks {
+            let stat = fs::read_to_string(task?.path().join("stat")).unwrap_or_default();
+            // "pid (comm) S ...": the state follows the last ')'.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next());
+            if !matches!(state, Some('T' | 't')) {
+                all = false;
+            }
+        }
+        if all {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("process {pid} not stopped 5 s after SIGSTOP");
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
