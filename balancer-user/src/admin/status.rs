@@ -623,7 +623,7 @@ fn health_label(health: &str) -> String {
         "unavailable" => "DOWN".into(),
         "replica_link_down" => "LINK-DOWN".into(),
         "replica_syncing" => "SYNCING".into(),
-        "catching_up" => "CATCHING-UP".into(),
+        "catching_up" => "CATCH-UP".into(),
         other => other.to_uppercase(),
     }
 }
