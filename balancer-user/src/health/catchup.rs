@@ -498,7 +498,18 @@ mod tests {
     /// What the checker makes of an INFO text, started at `started`.
     fn probe(text: &str, started: Instant) -> Probe {
         let elapsed = Duration::from_millis(1);
-        if parse_persistence(text.as_bytes()).unwrap().loading {
+        let Ok(persistence) = parse_persistence(text.as_bytes()) else {
+            return Probe {
+                readiness: Readiness::NotReady(NotReady::BadReply {
+                    stage: crate::health::Stage::InfoPersistence,
+                    detail: "unusable".into(),
+                }),
+                role: None,
+                elapsed,
+                info: None,
+            };
+        };
+        if persistence.loading {
             return Probe {
                 readiness: Readiness::NotReady(NotReady::LoadingFlag),
                 role: None,
@@ -830,6 +841,73 @@ mod tests {
         p.fail(2);
         p.fail(2);
         assert_eq!(badness(&p.poll(1, &down)), Badness::ReplicaLinkDown);
+    }
+
+    /// Mangled captures (lines dropped, cut short, numbers changed) in
+    /// random order: never a panic, and a replica judged READY while its
+    /// peer answers always reported its applied offset.
+    #[test]
+    fn mangled_info_never_panics_nor_is_ready_without_an_offset() {
+        let texts = [
+            CAUGHT_UP_1,
+            CAUGHT_UP_2,
+            SURVIVOR_2,
+            SYNCING_1,
+            SYNCING_PEER_2,
+            LOADING_1,
+            BEHIND_1,
+            BEHIND_PEER_2,
+            APPLIED_1,
+            APPLIED_PEER_2,
+            UNREACHABLE_1,
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut p = Pair::new();
+        for _ in 0..20_000 {
+            let base = texts[(next() % texts.len() as u64) as usize];
+            let mut lines: Vec<String> = base.split("\r\n").map(str::to_string).collect();
+            match next() % 4 {
+                0 => {
+                    let i = (next() % lines.len() as u64) as usize;
+                    lines.remove(i);
+                }
+                1 => {
+                    let keep = (next() % lines.len() as u64) as usize;
+                    lines.truncate(keep);
+                }
+                2 => {
+                    let i = (next() % lines.len() as u64) as usize;
+                    if let Some((k, _)) = lines[i].split_once(':') {
+                        lines[i] = format!("{k}:{}", next() as i64 % 1_000_000);
+                    }
+                }
+                _ => {}
+            }
+            let text = lines.join("\r\n");
+            let node = 1 + (next() % 2) as usize;
+            if next() % 10 == 0 {
+                p.fail(node);
+                continue;
+            }
+            let probe = p.poll(node, &text);
+            if probe.is_ready() {
+                if let Some(info) = &probe.info {
+                    for link in &info.replication.links {
+                        if link.master == Some(n(3 - node as u8)) && link.up {
+                            let answering =
+                                matches!(p.judge.states[2 - node].view, PeerView::Answered { .. });
+                            assert!(!answering || link.applied_offset.is_some(), "{text}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
