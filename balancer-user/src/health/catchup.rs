@@ -201,7 +201,11 @@ impl Tracker {
                 }
                 // A peer that is loading takes no writes (`-LOADING`): a link
                 // caught up with its stream stays so; any other waits.
-                PeerView::Loading if matches!(track, Track::CaughtUp { .. }) && link.up => None,
+                PeerView::Loading
+                    if matches!(track, Track::CaughtUp { .. }) && link.up && !link.syncing =>
+                {
+                    None
+                }
                 PeerView::Loading => Some((None, Behind::PeerLoading)),
                 PeerView::Answered {
                     started,
