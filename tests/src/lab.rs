@@ -914,16 +914,9 @@ impl Lab {
             bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
         }
         if signal == libc::SIGSTOP {
-            // kill(2) returns before every thread has stopped: a
-            // multi-threaded server (KeyDB) may still answer a request sent
-            // at once. Wait until each of its threads is in state T.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !all_threads_stopped(pid) {
-                if Instant::now() >= deadline {
-                    bail!("server {pid} on node {index} did not stop within 5 s of SIGSTOP");
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            // kill(2) returns before every thread has stopped; KeyDB's
+            // threads can still answer a command sent right after it.
+            wait_until_stopped(pid)?;
         }
         Ok(())
     }
@@ -1251,6 +1244,34 @@ impl Drop for Lab {
     }
 }
 
+/// Waits until every thread of process `pid` is stopped (state `T` in
+/// `/proc/<pid>/task/*/stat`).
+fn wait_until_stopped(pid: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("list the threads of {pid}"))?;
+        let mut all = true;
+        for task in tasks {
+            let stat = fs::read_to_string(task?.path().join("stat")).unwrap_or_default();
+            // "pid (comm) S ...": the state follows the last ')'.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next());
+            if !matches!(state, Some('T' | 't')) {
+                all = false;
+            }
+        }
+        if all {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("process {pid} not stopped 5 s after SIGSTOP");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Joins `member` to the bridge: a veth pair `eth0` (in `member`) ⇄ `port`
 /// (in `switch`, enslaved to br0), `addr/24` on eth0, tx checksum offload off
 /// (XDP_TX keeps no offload metadata; see TOOLCHAIN.md).
@@ -1337,23 +1358,6 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16,
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// Every thread of process `pid` is stopped (`T` in /proc/PID/task/*/stat).
-fn all_threads_stopped(pid: u32) -> bool {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.filter_map(|t| t.ok()).all(|task| {
-        fs::read_to_string(task.path().join("stat"))
-            .ok()
-            .and_then(|stat| {
-                // The state follows the parenthesised command name.
-                let after = stat.rsplit_once(')')?.1;
-                after.split_whitespace().next().map(|state| state == "T")
-            })
-            .unwrap_or(false)
-    })
 }
 
 /// Runs a command with a deadline; its stdout, or an error with stderr.

@@ -190,16 +190,22 @@ fn capture_rejoin_phases() -> Result<()> {
     lab.keydb_command(2, &["SET", "probe", "2"])?;
     lab.wait_for_value(1, "probe", "2", PHASE_TIMEOUT)?;
     lab.wait_for_links_up(2, PHASE_TIMEOUT)?;
-    save(
-        &dir,
-        "rejoined-caught-up.node.txt",
-        &both_sections(&lab, 1)?,
-    )?;
-    save(
-        &dir,
-        "rejoined-caught-up.peer.txt",
-        &both_sections(&lab, 2)?,
-    )?;
+    // Node 1 has applied all of node 2's stream (polled until so).
+    let (node, peer) = {
+        let deadline = Instant::now() + PHASE_TIMEOUT;
+        loop {
+            let node = both_sections(&lab, 1)?;
+            let peer = both_sections(&lab, 2)?;
+            if offset(&node, "slave_repl_offset") >= offset(&peer, "master_repl_offset") {
+                break (node, peer);
+            }
+            if Instant::now() >= deadline {
+                bail!("node 1 did not catch up with node 2 within {PHASE_TIMEOUT:?}");
+            }
+        }
+    };
+    save(&dir, "rejoined-caught-up.node.txt", &node)?;
+    save(&dir, "rejoined-caught-up.peer.txt", &peer)?;
     // The survivor while its peer is dead: its own link down.
     save(&dir, "survivor-link-down.node.txt", &peer_down)?;
 

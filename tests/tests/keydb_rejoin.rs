@@ -83,6 +83,31 @@ struct Shared {
     acked: Mutex<Vec<(String, String, Instant)>>,
     /// When each failed command happened, relative to the client's start.
     failures: Mutex<Vec<(f64, String)>>,
+    /// Every command: when (relative to the client's start), a write or
+    /// not, answered or not.
+    ops: Mutex<Vec<(f64, bool, bool)>>,
+}
+
+/// What the test saw of the rejoin, besides the client's counts.
+#[derive(Debug, Default)]
+struct Observed {
+    /// From restoring the link to node 1's KeyDB reporting its link up
+    /// and `loading:0` (the full resync, load included).
+    resync: Option<Duration>,
+    /// From restoring the link to both nodes READY in both agents.
+    both_ready: Duration,
+    /// The survivor reported `loading:1` (KeyDB #365) from .. to (client
+    /// clock, seconds).
+    survivor_loading: Option<(f64, f64)>,
+    /// The survivor was in the VIP holder's READY set while loading.
+    survivor_served_while_loading: bool,
+    /// Direct GETs of a dataset key / SETs on the survivor while it was
+    /// loading: GETs answered right, answered wrong, refused with an error
+    /// (`-LOADING`); SETs answered, refused.
+    loading_gets: [u64; 3],
+    loading_sets: [u64; 2],
+    /// A line of `balancer status` naming how far node 1 was behind.
+    status_line: Option<String>,
 }
 
 /// One command on a new connection through the VIP.
@@ -97,8 +122,11 @@ fn once(args: &[&str]) -> Result<Value, String> {
 
 /// The client: SET a new key, GET one of its own acknowledged keys, GET a
 /// key of the dataset; repeat until told to stop.
-fn client(shared: Arc<Shared>, trial: usize) {
-    let started = Instant::now();
+fn client(shared: Arc<Shared>, trial: usize, started: Instant) {
+    let record = |write: bool, ok: bool| {
+        let at = started.elapsed().as_secs_f64();
+        shared.ops.lock().unwrap().push((at, write, ok));
+    };
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ trial as u64;
     let mut next = move || {
         rng ^= rng << 13;
@@ -131,8 +159,12 @@ fn client(shared: Arc<Shared>, trial: usize) {
             }
             drop(counts);
             shared.ok_ops.fetch_add(1, Ordering::Relaxed);
+            record(false, true);
         }
-        Err(e) => fail(format!("GET {key}: {e}")),
+        Err(e) => {
+            record(false, false);
+            fail(format!("GET {key}: {e}"))
+        }
     };
     while !shared.stop.load(Ordering::Relaxed) {
         let paused = shared.pause_writes.load(Ordering::SeqCst);
@@ -155,9 +187,16 @@ fn client(shared: Arc<Shared>, trial: usize) {
                     .unwrap()
                     .push((key, value, Instant::now()));
                 shared.ok_ops.fetch_add(1, Ordering::Relaxed);
+                record(true, true);
             }
-            Ok(other) => fail(format!("SET {key}: {other:?}")),
-            Err(e) => fail(format!("SET {key}: {e}")),
+            Ok(other) => {
+                record(true, false);
+                fail(format!("SET {key}: {other:?}"))
+            }
+            Err(e) => {
+                record(true, false);
+                fail(format!("SET {key}: {e}"))
+            }
         }
         let pick = {
             // Replication is asynchronous: a write acknowledged by one
@@ -230,11 +269,12 @@ fn trial(server: &std::path::Path, number: usize) -> Result<Counts> {
     }
 
     let shared = Arc::new(Shared::default());
+    let t0 = Instant::now();
     let worker = spawn_in_netns(lab.client(), "rejoin-client", {
         let shared = Arc::clone(&shared);
-        move || client(shared, number)
+        move || client(shared, number, t0)
     })?;
-    let result = (|| -> Result<(Duration, bool)> {
+    let result = (|| -> Result<Observed> {
         let ok = |n: u64| {
             let from = shared.ok_ops.load(Ordering::Relaxed);
             move |s: &Shared| s.ok_ops.load(Ordering::Relaxed) >= from + n
@@ -273,13 +313,51 @@ fn trial(server: &std::path::Path, number: usize) -> Result<Counts> {
             "node 1 restarted with {dbsize:?} keys"
         );
         lab.restore_link(1)?;
+        let restored = Instant::now();
 
         // Both nodes READY in both agents' views, and both KeyDBs' links
-        // up; the survivor's INFO is sampled meanwhile (did it load, #365?).
-        let mut survivor_loaded = false;
-        let both_ready = await_event("both nodes READY again", READY_TIMEOUT, || {
+        // up. Meanwhile: when node 1's resync ends, and whether the
+        // survivor loads (#365) and serves while it does.
+        let mut seen = Observed::default();
+        seen.both_ready = await_event("both nodes READY again", READY_TIMEOUT, || {
+            if seen.resync.is_none() {
+                if let (Ok(p), Ok(r)) = (
+                    lab.keydb_info(1, "persistence"),
+                    lab.keydb_info(1, "replication"),
+                ) {
+                    if balancer_tests::lab::keydb::links_up(&p, &r) {
+                        seen.resync = Some(restored.elapsed());
+                    }
+                }
+            }
+            if seen.status_line.is_none() {
+                if let Ok(text) = lab.balancer_status(2, false) {
+                    seen.status_line = text
+                        .lines()
+                        .find(|l| l.contains("catching up:") && l.contains(" behind "))
+                        .map(|l| l.trim().to_string());
+                }
+            }
             if let Ok(p) = lab.keydb_info(2, "persistence") {
-                survivor_loaded |= info_field(&p, "loading") == Some("1");
+                if info_field(&p, "loading") == Some("1") {
+                    let at = t0.elapsed().as_secs_f64();
+                    let from = seen.survivor_loading.map_or(at, |(f, _)| f);
+                    seen.survivor_loading = Some((from, at));
+                    // What clients would get from it right now.
+                    let get = lab.keydb_command(2, &["GET", "key:1"]);
+                    let outcome = match get {
+                        Ok(v) if v.as_text().as_deref() == Some("value:1") => 0,
+                        Ok(_) => 1,
+                        Err(_) => 2,
+                    };
+                    seen.loading_gets[outcome] += 1;
+                    let set = lab.keydb_command(2, &["SET", "loading-probe", "1"]);
+                    seen.loading_sets[usize::from(set.is_err())] += 1;
+                    if let Ok(Some(holder)) = lab.vip_holder() {
+                        seen.survivor_served_while_loading |=
+                            backend_state(&lab, holder, 2).is_some_and(|(_, s)| s);
+                    }
+                }
             }
             (1..=2).all(|on| {
                 (1..=2).all(|b| backend_state(&lab, on, b).is_some_and(|(h, _)| h == "ready"))
@@ -291,13 +369,13 @@ fn trial(server: &std::path::Path, number: usize) -> Result<Counts> {
         await_event("client work after the rejoin", READY_TIMEOUT, || {
             after(&shared)
         })?;
-        Ok((both_ready, survivor_loaded))
+        Ok(seen)
     })();
     shared.stop.store(true, Ordering::Relaxed);
     worker
         .join()
         .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-    let (both_ready, survivor_loaded) = result.with_context(|| lab.diagnostics())?;
+    let seen = result.with_context(|| lab.diagnostics())?;
 
     // Every acknowledged write, read back from both nodes directly.
     let acked = std::mem::take(&mut *shared.acked.lock().unwrap());
@@ -348,15 +426,34 @@ fn trial(server: &std::path::Path, number: usize) -> Result<Counts> {
         (Some(a), Some(b)) => format!(" between {:.2} s and {:.2} s", a.0, b.0),
         _ => String::new(),
     };
+    let while_loading = seen.survivor_loading.map(|(from, to)| {
+        let ops = shared.ops.lock().unwrap();
+        let mut n = [0u64; 4];
+        for &(_, write, ok) in ops.iter().filter(|(at, _, _)| (from..=to).contains(at)) {
+            n[usize::from(write) * 2 + usize::from(!ok)] += 1;
+        }
+        format!(
+            "survivor loading {:.2}–{:.2} s (client clock), in the holder's set: {}; meanwhile client reads {} ok / {} failed, writes {} ok / {} failed; direct to the loading survivor: GET {} right / {} wrong / {} refused, SET {} answered / {} refused",
+            from, to, seen.survivor_served_while_loading, n[0], n[1], n[2], n[3],
+            seen.loading_gets[0], seen.loading_gets[1], seen.loading_gets[2],
+            seen.loading_sets[0], seen.loading_sets[1]
+        )
+    });
     println!(
-        "trial {number}: {} writes acknowledged, {} reads checked, {} stale, {} lost, {} failed commands{span} {kinds:?}; both READY {:.1} s after the link was restored; survivor seen loading: {survivor_loaded}",
+        "trial {number}: {} writes acknowledged, {} reads checked, {} stale, {} lost, {} failed commands{span} {kinds:?}; node 1 resynced (link up, loaded) {} after the link was restored, both READY after {:.1} s; {}",
         counts.writes_acked,
         counts.reads_checked,
         counts.stale_reads,
         counts.lost_writes,
         counts.failed,
-        both_ready.as_secs_f64(),
+        seen.resync
+            .map_or("?".to_string(), |d| format!("{:.2} s", d.as_secs_f64())),
+        seen.both_ready.as_secs_f64(),
+        while_loading.unwrap_or_else(|| "survivor not seen loading".into()),
     );
+    if let Some(line) = &seen.status_line {
+        println!("trial {number}: node 2's `balancer status` said: {line}");
+    }
     Ok(counts)
 }
 

@@ -309,6 +309,14 @@ pub fn render(status: &Status) -> String {
         backends().map(|(s, b)| (backend_labels(&s.vip, &b.address), flag(b.drained))),
     );
     m.gauge(
+        "backend_behind_bytes",
+        "Bytes of a peer's replication stream the backend has still to apply, while it is catching up (absent otherwise).",
+        backends().filter_map(|(s, b)| {
+            b.behind_bytes
+                .map(|n| (backend_labels(&s.vip, &b.address), i64::try_from(n).unwrap_or(i64::MAX)))
+        }),
+    );
+    m.gauge(
         "backend_local",
         "1 when the backend is on this node.",
         backends().map(|(s, b)| (backend_labels(&s.vip, &b.address), flag(b.local))),
@@ -694,6 +702,16 @@ mod tests {
         .is_some());
         assert!(!text.contains("# EOF"), "Prometheus text, not OpenMetrics");
         // Label values are escaped.
+        assert!(
+            !text.contains("balancer_backend_behind_bytes{"),
+            "no sample while no backend is catching up"
+        );
+        let mut behind = status.clone();
+        behind.services[0].backends[1].behind_bytes = Some(1_234_567);
+        assert_eq!(
+            value(&render(&behind), "balancer_backend_behind_bytes", &n2),
+            1_234_567.0
+        );
         let mut odd = status.clone();
         odd.node.name = "a\"b\\c\nd".into();
         assert!(render(&odd).contains(r#"node="a\"b\\c\nd""#));

@@ -211,7 +211,8 @@ pub struct BackendInfo {
     /// On this node (its connections are passed to the local stack).
     pub local: bool,
     /// Damped health: "ready", "replica_link_down", "replica_syncing",
-    /// "unavailable", or "unchecked" before the first check.
+    /// "loading", "catching_up", "unavailable", or "unchecked" before the
+    /// first check.
     pub health: String,
     /// `health` is "ready".
     pub ready: bool,
@@ -234,6 +235,10 @@ pub struct BackendInfo {
     pub last_check_failed: bool,
     /// The last failed check, however long ago.
     pub last_failure: Option<FailureInfo>,
+    /// Bytes of a peer's replication stream still to apply, when the last
+    /// check found the backend catching up (docs/readiness.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behind_bytes: Option<u64>,
     pub traffic: Traffic,
     /// Remote backends: whether connections forwarded to it through the
     /// data plane are answered (`crate::path_check`).
@@ -494,6 +499,7 @@ impl Status {
                                     reason: f.reason.clone(),
                                 }
                             }),
+                            behind_bytes: report.and_then(|r| r.behind_bytes),
                             traffic: b.traffic.into(),
                             path: inputs.paths.get(&(row.id, b.addr)).copied(),
                         }
@@ -760,7 +766,7 @@ pub(crate) fn health_label(health: &str) -> String {
         "unavailable" => "DOWN".into(),
         "replica_link_down" => "LINK-DOWN".into(),
         "replica_syncing" => "SYNCING".into(),
-        "catching_up" => "CATCHING-UP".into(),
+        "catching_up" => "CATCH-UP".into(),
         other => other.to_uppercase(),
     }
 }

@@ -37,6 +37,11 @@ use super::{
 /// its `repl-timeout` (60 s).
 pub const MAX_IO_AGE_SECS: i64 = 15;
 
+/// Checks in a row without an answer after which a peer counts as
+/// unreachable, and its replicas' links fall back to the link rule (the
+/// default `fall`).
+pub const UNREACHABLE_AFTER: u32 = 3;
+
 /// What the latest poll of a peer said, as the catch-up rule needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerView {
@@ -196,7 +201,11 @@ impl Tracker {
                 }
                 // A peer that is loading takes no writes (`-LOADING`): a link
                 // caught up with its stream stays so; any other waits.
-                PeerView::Loading if matches!(track, Track::CaughtUp { .. }) && link.up => None,
+                PeerView::Loading
+                    if matches!(track, Track::CaughtUp { .. }) && link.up && !link.syncing =>
+                {
+                    None
+                }
                 PeerView::Loading => Some((None, Behind::PeerLoading)),
                 PeerView::Answered {
                     started,
@@ -301,8 +310,9 @@ fn step(
                     return Some((None, Behind::BadInfo));
                 }
             }
-            // Only a poll of the peer that started after this link was
-            // seen up can set the target.
+            // Only a poll of the peer that started after the previous poll
+            // of this backend (the first one that saw the link up, or the
+            // last one that fell short) can set the target.
             if target.is_none() && peer_started >= *since {
                 *target = Some((replid.clone(), offset));
             }
@@ -316,7 +326,14 @@ fn step(
                 *track = Track::CaughtUp { replid, applied };
                 return None;
             }
-            Some((Some((*goal - applied) as u64), Behind::Offsets))
+            // Short of it: the peer kept writing meanwhile, so the next
+            // target is sampled after this poll. Reaching a target thus
+            // means lagging the peer by less than one check interval, not
+            // by however long the catching up took.
+            let bytes = (*goal - applied) as u64;
+            *since = ended;
+            *target = None;
+            Some((Some(bytes), Behind::Offsets))
         }
     }
 }
@@ -334,6 +351,8 @@ pub struct Judge {
 struct State {
     tracker: Tracker,
     view: PeerView,
+    /// Checks in a row that got no answer.
+    failures: u32,
     /// The backend's own `master_replid` at its last answer: a new one
     /// means it restarted, even if no check saw it down.
     replid: Option<String>,
@@ -352,6 +371,7 @@ impl Judge {
             .map(|_| State {
                 tracker: Tracker::new(),
                 view: PeerView::Unreachable,
+                failures: 0,
                 replid: None,
                 caught_once: false,
             })
@@ -367,6 +387,8 @@ impl Judge {
         let Some(state) = self.states.get_mut(index) else {
             return probe;
         };
+        let answered = probe.info.is_some() || probe.reason().is_some_and(NotReady::is_loading);
+        state.failures = if answered { 0 } else { state.failures + 1 };
         state.view = match (&probe.info, probe.reason()) {
             (_, Some(reason)) if reason.is_loading() => PeerView::Loading,
             (Some(info), _) => PeerView::Answered {
@@ -374,6 +396,12 @@ impl Judge {
                 replid: info.replication.replid.clone(),
                 offset: info.replication.stream_offset,
             },
+            // One check timing out (a busy peer forking for a sync) must
+            // not let its replicas fall back to the link rule: the last
+            // answer stands until UNREACHABLE_AFTER checks in a row fail.
+            // The target needs a check started after the link came up, so
+            // an old answer cannot set it.
+            (None, _) if state.failures < UNREACHABLE_AFTER => state.view.clone(),
             (None, _) => PeerView::Unreachable,
         };
         let Some(info) = probe.info.clone() else {
@@ -474,7 +502,18 @@ mod tests {
     /// What the checker makes of an INFO text, started at `started`.
     fn probe(text: &str, started: Instant) -> Probe {
         let elapsed = Duration::from_millis(1);
-        if parse_persistence(text.as_bytes()).unwrap().loading {
+        let Ok(persistence) = parse_persistence(text.as_bytes()) else {
+            return Probe {
+                readiness: Readiness::NotReady(NotReady::BadReply {
+                    stage: crate::health::Stage::InfoPersistence,
+                    detail: "unusable".into(),
+                }),
+                role: None,
+                elapsed,
+                info: None,
+            };
+        };
+        if persistence.loading {
             return Probe {
                 readiness: Readiness::NotReady(NotReady::LoadingFlag),
                 role: None,
@@ -632,7 +671,7 @@ mod tests {
         ]);
         assert_eq!(chosen, vec![1], "the survivor serves alone");
         assert_eq!(badness(&p.poll(1, LOADING_1)), Badness::Loading);
-        // The RDB is loaded and the link says up: 20 MB of node 2's
+        // The RDB is loaded and the link says up: 22.6 MB of node 2's
         // stream are still to be applied.
         let up = p.poll(1, BEHIND_1);
         assert_eq!(badness(&up), Badness::CatchingUp);
@@ -640,7 +679,7 @@ mod tests {
         let behind = p.poll(1, BEHIND_1);
         assert_eq!(
             behind.reason().unwrap().to_string(),
-            "catching up: 20.4 MB behind 198.18.0.2:6380"
+            "catching up: 22.6 MB behind 198.18.0.2:6380"
         );
         assert_eq!(behind.reason().unwrap().kind(), "catching_up");
         p.poll(2, APPLIED_PEER_2);
@@ -653,7 +692,9 @@ mod tests {
     #[test]
     fn a_peer_that_does_not_answer_falls_back_to_the_link_rule() {
         let mut p = Pair::new();
-        p.fail(2);
+        for _ in 0..UNREACHABLE_AFTER {
+            p.fail(2);
+        }
         assert!(p.poll(1, CAUGHT_UP_1).is_ready());
         assert_eq!(badness(&p.poll(1, UNREACHABLE_1)), Badness::ReplicaLinkDown);
         // A peer never polled is no peer either.
@@ -668,6 +709,50 @@ mod tests {
         let probe = p.poll(1, CAUGHT_UP_1);
         assert_eq!(badness(&probe), Badness::CatchingUp);
         assert!(probe.reason().unwrap().to_string().contains("peer loading"));
+    }
+
+    #[test]
+    fn one_peer_check_timing_out_does_not_make_a_lagging_node_ready() {
+        let mut p = Pair::healthy();
+        p.fail(1);
+        p.poll(2, BEHIND_PEER_2);
+        p.poll(1, BEHIND_1);
+        p.poll(2, BEHIND_PEER_2);
+        assert_eq!(badness(&p.poll(1, BEHIND_1)), Badness::CatchingUp);
+        p.fail(2);
+        let probe = p.poll(1, BEHIND_1);
+        assert_eq!(badness(&probe), Badness::CatchingUp, "{probe:?}");
+    }
+
+    #[test]
+    fn reaching_a_target_sampled_before_the_last_shortfall_is_not_enough() {
+        let node = |applied: u64| {
+            CAUGHT_UP_1.replace(
+                "slave_repl_offset:131",
+                &format!("slave_repl_offset:{applied}"),
+            )
+        };
+        let peer = |offset: u64| {
+            CAUGHT_UP_2.replace(
+                "master_repl_offset:131",
+                &format!("master_repl_offset:{offset}"),
+            )
+        };
+        let mut p = Pair::new();
+        p.poll(1, &node(100));
+        p.poll(2, &peer(200));
+        // Short of 200: the next target is sampled after this poll.
+        assert_eq!(badness(&p.poll(1, &node(150))), Badness::CatchingUp);
+        p.poll(2, &peer(300));
+        // 250 is past the first target but not the second.
+        let probe = p.poll(1, &node(250));
+        assert_eq!(badness(&probe), Badness::CatchingUp);
+        assert_eq!(
+            probe.reason().unwrap().to_string(),
+            "catching up: 50 B behind 198.18.0.2:6380"
+        );
+        p.poll(2, &peer(320));
+        assert!(p.poll(1, &node(320)).is_ready());
     }
 
     #[test]
@@ -734,7 +819,7 @@ mod tests {
         // The peer restarted between two polls (new replid) while node 1's
         // link looked up all along.
         let restarted = CAUGHT_UP_2.replace(
-            "d213e4b86b862af0d9f7472b0f894bdee9484c22",
+            "a236cd8c94d4569140bc79b33410d9f0eedca8b1",
             "0123456789abcdef0123456789abcdef01234567",
         );
         p.poll(2, &restarted);
@@ -752,10 +837,81 @@ mod tests {
         // Back, link down, the peer answering: not the survivor's rank.
         let down = SYNCING_1.replace("master_sync_in_progress:1", "master_sync_in_progress:0");
         assert_eq!(badness(&p.poll(1, &down)), Badness::CatchingUp);
-        // The survivor failing to answer makes its own view unreachable:
-        // node 1 falls back to the link rule.
+        // One check of the survivor timing out changes nothing ...
+        p.fail(2);
+        assert_eq!(badness(&p.poll(1, &down)), Badness::CatchingUp);
+        // ... but a survivor that stops answering is unreachable: node 1
+        // falls back to the link rule.
+        p.fail(2);
         p.fail(2);
         assert_eq!(badness(&p.poll(1, &down)), Badness::ReplicaLinkDown);
+    }
+
+    /// Mangled captures (lines dropped, cut short, numbers changed) in
+    /// random order: never a panic, and a replica judged READY while its
+    /// peer answers always reported its applied offset.
+    #[test]
+    fn mangled_info_never_panics_nor_is_ready_without_an_offset() {
+        let texts = [
+            CAUGHT_UP_1,
+            CAUGHT_UP_2,
+            SURVIVOR_2,
+            SYNCING_1,
+            SYNCING_PEER_2,
+            LOADING_1,
+            BEHIND_1,
+            BEHIND_PEER_2,
+            APPLIED_1,
+            APPLIED_PEER_2,
+            UNREACHABLE_1,
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut p = Pair::new();
+        for _ in 0..20_000 {
+            let base = texts[(next() % texts.len() as u64) as usize];
+            let mut lines: Vec<String> = base.split("\r\n").map(str::to_string).collect();
+            match next() % 4 {
+                0 => {
+                    let i = (next() % lines.len() as u64) as usize;
+                    lines.remove(i);
+                }
+                1 => {
+                    let keep = (next() % lines.len() as u64) as usize;
+                    lines.truncate(keep);
+                }
+                2 => {
+                    let i = (next() % lines.len() as u64) as usize;
+                    if let Some((k, _)) = lines[i].split_once(':') {
+                        lines[i] = format!("{k}:{}", next() as i64 % 1_000_000);
+                    }
+                }
+                _ => {}
+            }
+            let text = lines.join("\r\n");
+            let node = 1 + (next() % 2) as usize;
+            if next() % 10 == 0 {
+                p.fail(node);
+                continue;
+            }
+            let probe = p.poll(node, &text);
+            if probe.is_ready() {
+                if let Some(info) = &probe.info {
+                    for link in &info.replication.links {
+                        if link.master == Some(n(3 - node as u8)) && link.up {
+                            let answering =
+                                matches!(p.judge.states[2 - node].view, PeerView::Answered { .. });
+                            assert!(!answering || link.applied_offset.is_some(), "{text}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

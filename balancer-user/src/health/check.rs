@@ -5,7 +5,9 @@
 //! so PING alone would let clients reach a server that answers every
 //! command with `-LOADING`. A backend is READY only when it answers +PONG,
 //! reports `loading:0`, and is a master or a replica whose replication
-//! link is up and not mid-sync (see [`super::info`]).
+//! link is up and not mid-sync (see [`super::info`]). Whether a replica
+//! has also caught up with its peers needs their checks too: the monitor
+//! applies that rule ([`super::catchup`]) to each probe.
 //!
 //! The four commands are pipelined in one write; their replies are read in
 //! order and the first bad one decides. The whole check, connect included,
@@ -149,8 +151,8 @@ pub enum NotReady {
         /// `Replica` or `ActiveReplica`.
         role: Role,
     },
-    /// Has not applied what its peer had written when the link came up
-    /// (see [`super::catchup`]).
+    /// Has not applied what its peer had written by the peer's last check
+    /// (see [`super::catchup`]); set by the monitor, not by one check.
     #[error("catching up: {}", catching_up(*peer, *bytes, *why))]
     CatchingUp {
         /// The peer it is behind.
@@ -450,7 +452,8 @@ impl Checker {
 
     /// The check without its timeout; keeps `stage` current so that a
     /// timeout can say what it interrupted.
-    /// `replication` gets what `INFO replication` said, when it was read.
+    /// `replication_out` gets what `INFO replication` said, when it was
+    /// read.
     async fn exchange(
         &self,
         backend: SocketAddr,

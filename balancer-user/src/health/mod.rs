@@ -8,6 +8,9 @@
 //!   with the reason. KeyDB answers PING while loading its dataset, so the
 //!   INFO fields (`loading`, `role`, `master_link_status`,
 //!   `master_sync_in_progress`) decide, not PING.
+//! - [`catchup`] turns a READY probe of a replica into NOT READY
+//!   ("catching up") until it has applied its peers' streams up to an
+//!   offset sampled after its link came up (docs/readiness.md).
 //! - [`BackendHealth`] damps a backend's probes with rise/fall counters
 //!   ([`Damping`]) into a [`Badness`].
 //! - [`select_serving`] turns the badness of every backend of a service

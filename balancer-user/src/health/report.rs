@@ -69,6 +69,9 @@ pub struct BackendReport {
     /// Drained by the operator (`balancer drain`): in no READY set,
     /// whatever its health; its established flows stay.
     pub drained: bool,
+    /// Bytes of a peer's replication stream still to apply, when the last
+    /// check found it catching up and the bytes were known.
+    pub behind_bytes: Option<u64>,
 }
 
 impl BackendReport {
@@ -85,6 +88,7 @@ impl BackendReport {
             last_check_failed: false,
             last_failure: None,
             drained: false,
+            behind_bytes: None,
         }
     }
 
@@ -96,6 +100,10 @@ impl BackendReport {
         self.checks += 1;
         self.last_check = Some(at);
         self.last_check_failed = !probe.is_ready();
+        self.behind_bytes = match probe.reason() {
+            Some(NotReady::CatchingUp { bytes, .. }) => *bytes,
+            _ => None,
+        };
         if let Some(reason) = probe.reason() {
             if let Some(count) = self.failures.get_mut(reason.kind_index()) {
                 *count += 1;
@@ -189,5 +197,27 @@ mod tests {
         assert!(!b.record(&probe(Readiness::Ready), Badness::Unavailable, at(5)));
         assert!(!b.last_check_failed);
         assert_eq!(b.last_failure.unwrap().at, at(4), "kept after a good check");
+    }
+
+    #[test]
+    fn bytes_behind_follow_the_last_check() {
+        let mut b = BackendReport::new(
+            "198.18.0.2:6380".parse().unwrap(),
+            false,
+            Badness::Unavailable,
+        );
+        assert_eq!(b.behind_bytes, None);
+        let behind = probe(Readiness::NotReady(NotReady::CatchingUp {
+            peer: "198.18.0.1:6380".parse().unwrap(),
+            bytes: Some(1_234_567),
+            why: crate::health::catchup::Behind::Offsets,
+        }));
+        b.record(&behind, Badness::CatchingUp, at(1));
+        assert_eq!(b.behind_bytes, Some(1_234_567));
+        b.record(&probe(Readiness::Ready), Badness::CatchingUp, at(2));
+        assert_eq!(
+            b.behind_bytes, None,
+            "only while the last check found it behind"
+        );
     }
 }

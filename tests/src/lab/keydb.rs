@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::{node_addr, node_keydb, on_path, Lab, KEYDB_PORT, POLL};
+use super::{node_addr, node_keydb, on_path, Lab, KEYDB_PORT, POLL, VIP};
 use crate::{netns::ChildGuard, resp};
 
 /// How long a KeyDB may take to answer PING after starting.
@@ -84,8 +84,11 @@ impl KeydbOptions {
     pub fn config(&self, index: usize, dir: &str) -> String {
         let mut c = String::new();
         let addr = node_addr(index);
-        // The node's address only: what clients, peers and the agents use.
-        let _ = writeln!(c, "bind {addr}\nport {KEYDB_PORT}\nprotected-mode no");
+        // The node's address (peers and agents) and the VIP (the data plane
+        // passes a client's connection to the local backend unchanged, so
+        // it arrives addressed to the VIP; see start_keydb for why the VIP
+        // can be bound while another node holds it).
+        let _ = writeln!(c, "bind {addr} {VIP}\nport {KEYDB_PORT}\nprotected-mode no");
         let _ = writeln!(c, "daemonize no\ndir {dir}\nsave \"\"\nappendonly no");
         if !self.peers.is_empty() {
             let _ = writeln!(c, "active-replica yes");
@@ -121,6 +124,10 @@ impl Lab {
             .create(true)
             .append(true)
             .open(self.server_log_path(index))?;
+        // The VIP is on this node only while it is the VRRP master.
+        self.node(index)
+            .ns
+            .sysctl("net.ipv4.ip_nonlocal_bind", "1")?;
         let server = options.server.display().to_string();
         let mut cmd = self.node(index).ns.command(&server);
         cmd.arg(&conf).stdout(log.try_clone()?).stderr(log);
