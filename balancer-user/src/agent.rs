@@ -112,10 +112,13 @@ pub fn missing_snat_address(
         .find(|(_, a)| !present.contains(a))
 }
 
-/// SIGTERM and SIGINT.
+/// SIGTERM and SIGINT; SIGHUP is caught too, so that an operator's
+/// reload reflex (`kill -HUP`, whose default action ends a process) does
+/// not stop a node.
 struct StopSignals {
     term: Signal,
     int: Signal,
+    hup: Signal,
 }
 
 impl StopSignals {
@@ -123,13 +126,21 @@ impl StopSignals {
         Ok(StopSignals {
             term: signal(SignalKind::terminate()).map_err(AgentError::Signals)?,
             int: signal(SignalKind::interrupt()).map_err(AgentError::Signals)?,
+            hup: signal(SignalKind::hangup()).map_err(AgentError::Signals)?,
         })
     }
 
     async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => warn!(
+                    "SIGHUP: reloading the configuration is not supported yet; \
+                     the agent keeps running with the configuration it started with \
+                     (restart it to apply a change)"
+                ),
+            }
         }
     }
 }

@@ -4,7 +4,8 @@
 //! lab address) agree with what the lab sees: one master, which holds the
 //! VIP, one backup, both KeyDBs READY; a killed KeyDB shows up as not READY
 //! with the reason of its failed checks, and lowers its node's priority;
-//! bad requests get error replies and change nothing; a second agent on the
+//! SIGHUP leaves the agent running; bad requests get error replies and
+//! change nothing; a second agent on the
 //! same socket is refused; stopping the agents removes their sockets.
 //!
 //! Waits poll a condition with a deadline. Needs root, the `balancer`
@@ -256,6 +257,20 @@ fn check_the_cluster(lab: &mut Lab) -> Result<()> {
     let (code, _) =
         lab.in_client(move || http_get(addr, "/metrics/x", Duration::from_secs(5)))??;
     ensure!(code == 404, "GET /metrics/x answered {code}");
+
+    // --- SIGHUP (an operator's reload reflex) stops nothing -----------------
+    let pid = lab.agent_pid(1).context("node 1's agent pid")?;
+    // SAFETY: a plain kill(2) of the lab's own child.
+    ensure!(unsafe { libc::kill(pid as i32, libc::SIGHUP) } == 0);
+    poll("node 1's agent logs the SIGHUP", STATUS_TIMEOUT, || {
+        let log = lab.agent_log(1);
+        Ok((
+            log.contains("SIGHUP").then_some(()),
+            "no SIGHUP line yet".into(),
+        ))
+    })?;
+    ensure!(lab.agent_running(1), "SIGHUP ended node 1's agent");
+    ensure!(lab.status_json(1)?["election"]["state"] == "master");
 
     // --- node 2's KeyDB dies ------------------------------------------------
     lab.kill_server(2)?;
