@@ -126,41 +126,9 @@ pub fn render(status: &Status, now: f64) -> String {
         );
     }
     if let Some(a) = &e.adverts {
-        let dropped: Vec<String> = a
-            .dropped
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(reason, n)| format!("{reason} {n}"))
-            .collect();
-        row(
-            &mut out,
-            "adverts",
-            &format!(
-                "{} sent, {} received, {} dropped{}, {} send errors, {} receive errors",
-                a.sent,
-                a.received,
-                a.dropped_total(),
-                if dropped.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", dropped.join(", "))
-                },
-                a.send_errors,
-                a.receive_errors
-            ),
-        );
+        row(&mut out, "adverts", &a.summary());
         for p in &a.peers {
-            row(
-                &mut out,
-                &format!("peer {}", p.address),
-                &format!(
-                    "priority {}, interval {} ms, last advert {} ago ({} accepted)",
-                    p.priority,
-                    p.interval_ms,
-                    ago(now, p.last_advert),
-                    p.adverts
-                ),
-            );
+            row(&mut out, &format!("peer {}", p.address), &p.summary(now));
         }
     }
     out.push_str("</table>");

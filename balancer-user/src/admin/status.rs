@@ -128,6 +128,19 @@ pub struct PeerInfo {
     pub adverts: u64,
 }
 
+impl PeerInfo {
+    /// What its last advert said, as of `now` (Unix seconds).
+    pub fn summary(&self, now: f64) -> String {
+        format!(
+            "priority {}, interval {} ms, last advert {} ago ({} accepted)",
+            self.priority,
+            self.interval_ms,
+            ago(now, self.last_advert),
+            self.adverts
+        )
+    }
+}
+
 impl AdvertInfo {
     /// The counters as they are now.
     pub fn read(counters: &AdvertCounters) -> AdvertInfo {
@@ -160,6 +173,29 @@ impl AdvertInfo {
     /// Dropped adverts, every reason.
     pub fn dropped_total(&self) -> u64 {
         self.dropped.values().sum()
+    }
+
+    /// One line: sent, received, dropped (by reason, those seen), errors.
+    pub fn summary(&self) -> String {
+        let dropped: Vec<String> = self
+            .dropped
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        format!(
+            "{} sent, {} received, {} dropped{}, {} send errors, {} receive errors",
+            self.sent,
+            self.received,
+            self.dropped_total(),
+            if dropped.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", dropped.join(", "))
+            },
+            self.send_errors,
+            self.receive_errors
+        )
     }
 }
 
@@ -613,36 +649,9 @@ pub fn render_text(status: &Status, now: f64) -> String {
         );
     }
     if let Some(a) = &e.adverts {
-        let dropped: Vec<String> = a
-            .dropped
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(reason, n)| format!("{reason} {n}"))
-            .collect();
-        let _ = writeln!(
-            out,
-            "           adverts: {} sent, {} received, {} dropped{}, {} send errors, {} receive errors",
-            a.sent,
-            a.received,
-            a.dropped_total(),
-            if dropped.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", dropped.join(", "))
-            },
-            a.send_errors,
-            a.receive_errors
-        );
+        let _ = writeln!(out, "           adverts: {}", a.summary());
         for p in &a.peers {
-            let _ = writeln!(
-                out,
-                "           peer {}: priority {}, interval {} ms, last advert {} ago ({} accepted)",
-                p.address,
-                p.priority,
-                p.interval_ms,
-                ago(now, p.last_advert),
-                p.adverts
-            );
+            let _ = writeln!(out, "           peer {}: {}", p.address, p.summary(now));
         }
     }
 

@@ -54,8 +54,6 @@ use super::{
 
 /// Timeout of the harness's own connects, reads and writes.
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a freshly started front may take to reach both servers.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// The nftables table the nftables front creates in node 1's namespace.
 pub const NFT_TABLE: &str = "balancer_bench_churn";
 /// The client's port range: every unprivileged port.
@@ -515,36 +513,12 @@ fn wait_serving(
     front: Front,
 ) -> Result<()> {
     let expected: HashSet<usize> = front.serving_nodes().iter().copied().collect();
-    let target = front.target();
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
+    super::lab_run::wait_reaching(lab, front.target(), run_ids, &expected, || {
         if let Serving::Haproxy(h) = serving {
             h.ensure_running()?;
         }
-        let seen = lab.in_client(move || -> Vec<Result<String, String>> {
-            (0..6)
-                .map(|_| {
-                    Connection::connect(target, IO_TIMEOUT)
-                        .and_then(|mut c| c.run_id())
-                        .map_err(|e| e.to_string())
-                })
-                .collect()
-        })?;
-        let nodes: HashSet<usize> = seen
-            .iter()
-            .filter_map(|r| r.as_ref().ok())
-            .filter_map(|id| run_ids.get(id).copied())
-            .collect();
-        if nodes == expected && seen.iter().all(|r| r.is_ok()) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "new connections to {target} did not reach exactly nodes {expected:?} within {READY_TIMEOUT:?}: {seen:?}"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        Ok(())
+    })
 }
 
 /// `total_connections_received` of both servers, each minus the

@@ -492,15 +492,32 @@ fn wait_serving(
     expected: &[usize],
 ) -> Result<()> {
     let expected: HashSet<usize> = expected.iter().copied().collect();
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
+    wait_reaching(lab, vip_keydb(), run_ids, &expected, || {
         if let Serving::Haproxy(h) = serving {
             h.ensure_running()?;
         }
-        let seen = lab.in_client(|| -> Vec<Result<String, String>> {
+        Ok(())
+    })
+}
+
+/// Waits (up to [`READY_TIMEOUT`]) until six new connections in a row to
+/// `target` all succeed and reach exactly the servers of the `expected`
+/// nodes (told apart by `run_ids`); `before_each` runs before every try
+/// (to notice a front that died).
+pub(super) fn wait_reaching(
+    lab: &Lab,
+    target: SocketAddr,
+    run_ids: &HashMap<String, usize>,
+    expected: &HashSet<usize>,
+    mut before_each: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        before_each()?;
+        let seen = lab.in_client(move || -> Vec<Result<String, String>> {
             (0..6)
                 .map(|_| {
-                    Connection::connect(vip_keydb(), IO_TIMEOUT)
+                    Connection::connect(target, IO_TIMEOUT)
                         .and_then(|mut c| c.run_id())
                         .map_err(|e| e.to_string())
                 })
@@ -511,12 +528,12 @@ fn wait_serving(
             .filter_map(|r| r.as_ref().ok())
             .filter_map(|id| run_ids.get(id).copied())
             .collect();
-        if nodes == expected && seen.iter().all(|r| r.is_ok()) {
+        if &nodes == expected && seen.iter().all(|r| r.is_ok()) {
             return Ok(());
         }
         if Instant::now() >= deadline {
             bail!(
-                "new connections to the VIP did not reach exactly nodes {expected:?} within {READY_TIMEOUT:?}: {seen:?}"
+                "new connections to {target} did not reach exactly nodes {expected:?} within {READY_TIMEOUT:?}: {seen:?}"
             );
         }
         std::thread::sleep(Duration::from_millis(100));
